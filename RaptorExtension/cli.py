@@ -175,7 +175,12 @@ def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
     """True when every requested output of this volume exists with this run's settings."""
     from .embedding import Embedding, describe_differences, settings_of
 
-    expected = settings_of(embedder.settings_metadata(preset=""))
+    from .intensity import resolve_preset
+
+    s = embedder.settings
+    # With --preset auto the preset depends on each volume's modality; otherwise it is fixed and must match.
+    preset = "" if s.preset == "auto" else resolve_preset(s.preset, None, s.ct_window).describe()
+    expected = settings_of(embedder.settings_metadata(preset=preset))
     ok = True
     if out_dir is not None:
         path = out_dir / f"{ref.id}.npz"
@@ -185,9 +190,13 @@ def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
             existing = Embedding.load(path)
         except RaptorError:
             return False
-        diffs = [d for d in describe_differences(expected, existing.settings()) if not d.startswith("preset")]
+        diffs = [
+            d for d in describe_differences(existing.settings(), expected) if preset or not d.startswith("preset")
+        ]
         if diffs:
-            raise RaptorError(f"{path}: exists with different settings ({'; '.join(diffs)}); use another --out-dir")
+            raise RaptorError(
+                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
+            )
     if table is not None:
         ok = ok and ref.id in table.ids
     return ok

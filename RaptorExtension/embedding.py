@@ -130,6 +130,8 @@ def describe_differences(a: dict, b: dict) -> list[str]:
                 out.append(
                     f"encoder weights differ ({a.get('encoder', '?')} {str(va)[:12]} vs {b.get('encoder', '?')} {str(vb)[:12]})"
                 )
+            elif key.endswith("sha256"):
+                out.append(f"{key} {str(va)[:12]} vs {str(vb)[:12]}")
             else:
                 out.append(f"{key} {va!r} vs {vb!r}")
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def load_encoder(
     how to use a local folder instead.
     """
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     name = KNOWN_MODELS.get(model, model)
     local = Path(name).expanduser()
@@ -213,15 +215,24 @@ def load_encoder(
         if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
             raise ModelError(f"{name}: no such model folder")
         source = name
-        loaders = [dict(local_files_only=True), dict(local_files_only=False)]
+        loaders = [dict(local_files_only=True)] + ([] if _hub_offline() else [dict(local_files_only=False)])
     last_error: Exception | None = None
     hf_model = None
     for extra in loaders:
+        # Loading from disk: the per-tensor "Loading weights" bar is noise next to
+        # our own progress.  Downloading: keep the hub's bars (it takes minutes).
+        if extra["local_files_only"]:
+            hf_logging.disable_progress_bar()
+        else:
+            print(f"raptor: downloading {name} from the Hugging Face hub (once; cached afterwards)", file=sys.stderr)
+            hf_logging.enable_progress_bar()
         try:
             hf_model = AutoModel.from_pretrained(source, **kwargs, **extra)
             break
         except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
             last_error = exc
+        finally:
+            hf_logging.enable_progress_bar()
     if hf_model is None:
         raise ModelError(_explain_load_failure(name, local.exists(), last_error)) from None
     return encoder_from_model(
@@ -234,11 +245,15 @@ def load_encoder(
     )
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _explain_load_failure(name: str, is_local: bool, error: Exception | None) -> str:
     text = str(error or "")
     if is_local:
         return f"{name}: could not load the model folder ({text.splitlines()[0] if text else 'unknown error'})"
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    offline = _hub_offline()
     not_found = "not a valid model identifier" in text or "RepositoryNotFound" in type(error).__name__
     if not_found and not offline:
         return f"model '{name}' was not found on the Hugging Face hub (check the id, or pass --model PATH to a local folder)"

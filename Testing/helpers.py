@@ -1,0 +1,60 @@
+"""Small helpers shared by the engine tests (not fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def reorient(array: np.ndarray, ijk_to_ras: np.ndarray, perm=(0, 1, 2), flips=(False, False, False)):
+    """The same physical volume stored with permuted and/or flipped array axes.
+
+    ``perm`` and ``flips`` act on the (K, J, I) array axes; the returned matrix
+    maps the new voxel indices to the same RAS points as before.
+    """
+    a = np.asarray(array)
+    m = np.asarray(ijk_to_ras, dtype=np.float64).copy()
+    # Work in (i, j, k) column order of the matrix: array axis 0 is k (column 2).
+    col_of_axis = {0: 2, 1: 1, 2: 0}
+    for axis, flip in enumerate(flips):
+        if flip:
+            n = a.shape[axis]
+            c = col_of_axis[axis]
+            m[:3, 3] += m[:3, c] * (n - 1)
+            m[:3, c] = -m[:3, c]
+            a = np.flip(a, axis=axis)
+    a = np.ascontiguousarray(np.transpose(a, perm))
+    new = m.copy()
+    for new_axis, old_axis in enumerate(perm):
+        new[:3, col_of_axis[new_axis]] = m[:3, col_of_axis[old_axis]]
+    return a, new
+
+
+def write_volume(path: Path, array: np.ndarray, ijk_to_ras: np.ndarray) -> Path:
+    """Write a volume with Slicer's own writer (NRRD, NIfTI, MetaImage by extension)."""
+    import slicer
+
+    from RaptorExtension.readers import numpy_to_matrix
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
+    node.SetIJKToRASMatrix(numpy_to_matrix(ijk_to_ras))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node), f"could not write {path}"
+    return path
+
+
+def oblique_matrix(spacing=(1.0, 1.2, 2.0), angles=(0.3, -0.2, 0.5), origin=(10.0, -5.0, 3.0)) -> np.ndarray:
+    """An IJK-to-RAS with rotation about all three axes."""
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
