@@ -1,0 +1,799 @@
+"""Probes: small models fitted on Raptor embeddings, saved safely, applied anywhere.
+
+A probe turns an embedding into an answer: class probabilities (binary,
+multi-class, multi-label) or numbers (regression, one or many targets).
+
+Models
+  ``logistic``  L2 logistic regression; C chosen from {0.01, 0.1, 1, 10, 100}
+                on the validation split as in the Raptor paper, or by stratified
+                k-fold cross-validation on train+val (``select="cv"``), which is
+                less noisy when the validation split is small.
+  ``ridge``     ridge regression; alpha chosen the same way.
+  ``mlp``       a small MLP (one or two hidden ReLU layers, so at most three
+                weight layers) for regression, fixed seed; its L2 penalty is
+                chosen the same way.
+Features are standardized with the statistics of the rows the final model is
+fitted on (train, or train+val with ``select="cv"``).  Every step is seeded
+and single-valued, so the same inputs give the same probe bit for bit.
+
+Why the stored model is plain arrays: applying a probe needs only NumPy (no
+scikit-learn inside Slicer, no pickle), and a linear probe's weights are what
+the explainer (:mod:`.explain`) decomposes over slices and patches.
+
+The embedding settings a probe was fitted on travel inside it; applying it to
+embeddings made with other settings is refused naming what differs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .embedding import SETTINGS_KEYS, Embedding, describe_differences
+from .errors import Cancelled, InputError, MetadataMismatch, RaptorError
+from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
+from .probe_io import PROBE_SUFFIX, read_probe_file, write_probe_file
+
+TASKS = ("binary", "multiclass", "multilabel", "regression")
+MODELS = ("logistic", "ridge", "mlp")
+SPLITS = ("train", "val", "test")
+PAPER_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+RIDGE_ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+MLP_ALPHA_GRID = (1e-4, 1e-2, 1.0)
+EMBEDDING_KEYS = SETTINGS_KEYS + (
+    "encoder",
+    "encoder_type",
+    "hidden_size",
+    "patch_size",
+    "patch_grid",
+    "shape",
+    "n_features",
+    "projection",
+    "layout",
+)
+"""What a probe records about the embeddings it was fitted on."""
+
+
+# ---------------------------------------------------------------------------
+# Inputs: embeddings and labels
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings of many volumes with one set of settings."""
+
+    ids: list[str]
+    features: np.ndarray  # (n, n_features) float32
+    metadata: dict  # EMBEDDING_KEYS of the set
+    sources: list[str]
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        index = {v: i for i, v in enumerate(self.ids)}
+        return self.features[[index[i] for i in ids]]
+
+
+def embedding_description(metadata: dict) -> dict:
+    """The part of an embedding's metadata a probe records and compares."""
+    return {k: metadata[k] for k in EMBEDDING_KEYS if k in metadata}
+
+
+def load_embeddings(inputs: Iterable[str | Path]) -> EmbeddingSet:
+    """Read embeddings from CSV tables, ``.npz`` files or folders of ``.npz``; refuse mixed settings."""
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    sources: list[str] = []
+    meta: dict | None = None
+    first_source = ""
+
+    def add(identifier: str, vector: np.ndarray, description: dict, source: str) -> None:
+        nonlocal meta, first_source
+        if meta is None:
+            meta, first_source = description, source
+        else:
+            diffs = describe_differences(meta, description)
+            if diffs:
+                raise MetadataMismatch(f"{source}: embedding settings differ from {first_source}: " + "; ".join(diffs))
+            if vector.size != rows[0].size:
+                raise MetadataMismatch(f"{source}: has {vector.size} features, {first_source} {rows[0].size}")
+        ids.append(identifier)
+        rows.append(vector)
+        sources.append(source)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npz")
+            if not files:
+                raise InputError(f"{path}: folder holds no .npz embeddings")
+        elif path.suffix.lower() == ".csv":
+            from .tables import read_table
+
+            table = read_table(path)
+            description = dict(table.settings or {})
+            description["n_features"] = int(table.features.shape[1])
+            for i, identifier in enumerate(table.ids):
+                add(identifier, table.features[i], description, f"{path}#{identifier}")
+            continue
+        elif path.exists():
+            files = [path]
+        else:
+            raise InputError(f"{path}: no such file or folder")
+        for f in files:
+            e = Embedding.load(f)
+            add(e.id or f.stem, e.vector, embedding_description(e.metadata), str(f))
+    if not ids:
+        raise InputError("no embeddings given")
+    seen: dict[str, str] = {}
+    for identifier, source in zip(ids, sources):
+        if identifier in seen:
+            raise InputError(f"{source}: id {identifier!r} appears twice (also in {seen[identifier]})")
+        seen[identifier] = source
+    return EmbeddingSet(ids=ids, features=np.stack(rows).astype(np.float32), metadata=meta or {}, sources=sources)
+
+
+@dataclass
+class Labels:
+    """A labels CSV: ``id``, ``split`` in {train, val, test}, one or more label columns."""
+
+    path: Path
+    ids: list[str]
+    splits: list[str]
+    columns: dict[str, list[str]]
+
+
+def read_labels(path: str | Path, label_columns: Sequence[str] | None = None) -> Labels:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such labels file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if "id" not in header or "split" not in header:
+        raise InputError(f"{path}: needs 'id' and 'split' columns (found {', '.join(header) or 'none'})")
+    available = [h for h in header if h not in ("id", "split")]
+    wanted = list(label_columns) if label_columns else available
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise InputError(f"{path}: no label column {missing[0]!r} (columns: {', '.join(available)})")
+    if not wanted:
+        raise InputError(f"{path}: no label column besides id and split")
+    ids, splits, columns = [], [], {c: [] for c in wanted}
+    for line_no, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not any(row.values()):
+            continue
+        identifier, split = row.get("id", ""), row.get("split", "").lower()
+        if not identifier:
+            raise InputError(f"{path}: line {line_no} has no id")
+        if split not in SPLITS:
+            raise InputError(f"{path}: line {line_no} has split {row.get('split')!r}; use train, val or test")
+        for c in wanted:
+            if row.get(c, "") == "":
+                raise InputError(f"{path}: line {line_no} ({identifier}) has no value for {c!r}")
+            columns[c].append(row[c])
+        ids.append(identifier)
+        splits.append(split)
+    if not ids:
+        raise InputError(f"{path}: has no rows")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"{path}: id {dup!r} appears more than once")
+    return Labels(path=path, ids=ids, splits=splits, columns=columns)
+
+
+def _as_float(values: Sequence[str]) -> np.ndarray | None:
+    try:
+        out = np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        return None
+    return out if np.isfinite(out).all() else None
+
+
+def _sorted_classes(values: Sequence[str]) -> list[str]:
+    unique = sorted(set(values))
+    numbers = _as_float(unique)
+    if numbers is not None:
+        unique = [v for _, v in sorted(zip(numbers, unique))]
+    return unique
+
+
+def infer_task(labels: Labels, task: str = "auto") -> str:
+    """Binary, multi-class, multi-label or regression, from the label values unless given."""
+    if task not in ("auto",) + TASKS:
+        raise RaptorError(f"unknown task {task!r} (choose from auto, {', '.join(TASKS)})")
+    names = list(labels.columns)
+    numeric = {c: _as_float(v) for c, v in labels.columns.items()}
+    binary01 = {c: numeric[c] is not None and set(np.unique(numeric[c])) <= {0.0, 1.0} for c in names}
+    if task == "auto":
+        if len(names) > 1:
+            if all(binary01.values()):
+                task = "multilabel"
+            elif all(v is not None for v in numeric.values()):
+                task = "regression"
+            else:
+                raise InputError(
+                    f"{labels.path}: several label columns must be all 0/1 (multi-label) or all numbers (regression)"
+                )
+        else:
+            values = numeric[names[0]]
+            integral = values is not None and np.all(values == np.round(values))
+            distinct = len(set(labels.columns[names[0]]))
+            if values is not None and (not integral or distinct > 20):
+                task = "regression"
+            else:
+                task = "binary" if distinct <= 2 else "multiclass"
+    if task in ("binary", "multiclass"):
+        if len(names) != 1:
+            raise InputError(f"{labels.path}: a {task} task takes one label column (found {', '.join(names)}); pass --label-column")
+        distinct = len(set(labels.columns[names[0]]))
+        if distinct < 2:
+            raise InputError(f"{labels.path}: column {names[0]!r} has a single class; nothing to learn")
+        if task == "binary" and distinct != 2:
+            raise InputError(f"{labels.path}: column {names[0]!r} has {distinct} classes, not 2; use --task multiclass")
+    if task == "multilabel" and not all(binary01.values()):
+        bad = next(c for c in names if not binary01[c])
+        raise InputError(f"{labels.path}: multi-label column {bad!r} must hold only 0 and 1")
+    if task == "regression":
+        bad = [c for c in names if numeric[c] is None]
+        if bad:
+            raise InputError(f"{labels.path}: regression target {bad[0]!r} holds a value that is not a number")
+    return task
+
+
+# ---------------------------------------------------------------------------
+# The probe
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Probe:
+    """A fitted probe: what it predicts, the arrays that compute it, and where it is valid."""
+
+    task: str
+    model: str
+    classes: list[str]
+    """Score names: the classes (binary: [negative, positive]; multi-class), the labels (multi-label) or the targets."""
+    label_columns: list[str]
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    weight: np.ndarray | None = None
+    """(outputs, n_features), acting on standardized features (linear models)."""
+    bias: np.ndarray | None = None
+    mlp_weights: list[np.ndarray] = field(default_factory=list)
+    mlp_biases: list[np.ndarray] = field(default_factory=list)
+    target_mean: np.ndarray | None = None
+    target_scale: np.ndarray | None = None
+    embedding: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    name: str = ""
+    path: Path | None = None
+
+    # -- what it computes ------------------------------------------------
+    @property
+    def is_linear(self) -> bool:
+        return self.model in ("logistic", "ridge")
+
+    @property
+    def n_features(self) -> int:
+        return int(self.feature_mean.size)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the decision values: the logit of the positive class for a binary probe."""
+        return [self.classes[1]] if self.task == "binary" else list(self.classes)
+
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None]
+        if x.shape[1] != self.n_features:
+            raise MetadataMismatch(
+                f"probe {self.label()} expects {self.n_features} features, the embedding has {x.shape[1]}"
+            )
+        return (x - self.feature_mean) / self.feature_scale
+
+    def decision(self, features: np.ndarray) -> np.ndarray:
+        """Logits (classification) or predicted values (regression), shape (n, outputs)."""
+        z = self.standardize(features)
+        if self.is_linear:
+            return z @ self.weight.T + self.bias
+        h = z
+        for i, (w, b) in enumerate(zip(self.mlp_weights, self.mlp_biases)):
+            h = h @ w + b
+            if i < len(self.mlp_weights) - 1:
+                h = np.maximum(h, 0.0)
+        return h * self.target_scale + self.target_mean
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, classes), label probabilities, or regression values."""
+        d = self.decision(features)
+        if self.task == "binary":
+            p = _sigmoid(d[:, 0])
+            return np.stack([1.0 - p, p], axis=1)
+        if self.task == "multiclass":
+            return _softmax(d)
+        if self.task == "multilabel":
+            return _sigmoid(d)
+        return d
+
+    def predict(self, features: np.ndarray) -> list[str]:
+        s = self.scores(features)
+        if self.task in ("binary", "multiclass"):
+            return [self.classes[i] for i in np.argmax(s, axis=1)]
+        if self.task == "multilabel":
+            return ["|".join(c for c, on in zip(self.classes, row) if on) for row in (s >= 0.5)]
+        return [";".join(format(v, ".6g") for v in row) for row in s]
+
+    def folded_linear(self, output: int) -> tuple[np.ndarray, float]:
+        """``(w', b')`` with ``decision[output] = w' . x + b'`` on raw (unstandardized) features."""
+        if not self.is_linear:
+            raise RaptorError(f"probe {self.label()} is an MLP; only linear probes decompose exactly")
+        w = self.weight[output] / self.feature_scale
+        return w, float(self.bias[output] - np.dot(w, self.feature_mean))
+
+    # -- where it is valid -----------------------------------------------
+    def label(self) -> str:
+        return str(self.path) if self.path else (self.name or "(unsaved probe)")
+
+    def check_embedding(self, metadata: dict, what: str) -> None:
+        """Refuse embeddings made with other settings than the probe's, naming each difference."""
+        diffs = describe_differences(self.embedding, metadata)
+        if diffs:
+            raise MetadataMismatch(
+                f"{what}: cannot apply probe {self.label()}: embedding settings differ (probe vs embedding): "
+                + "; ".join(diffs)
+            )
+        n = metadata.get("n_features")
+        if n is not None and int(n) != self.n_features:
+            raise MetadataMismatch(f"{what}: has {n} features, probe {self.label()} expects {self.n_features}")
+
+    def apply(self, embeddings: EmbeddingSet) -> "ProbeScores":
+        self.check_embedding(embeddings.metadata, embeddings.sources[0] if len(embeddings.sources) == 1 else "embeddings")
+        return ProbeScores(ids=list(embeddings.ids), names=self.classes, scores=self.scores(embeddings.features),
+                           predicted=self.predict(embeddings.features), task=self.task)
+
+    # -- files -------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"feature_mean": self.feature_mean, "feature_scale": self.feature_scale}
+        if self.is_linear:
+            arrays.update(weight=self.weight, bias=self.bias)
+        else:
+            for i, (w, b) in enumerate(zip(self.mlp_weights, self.mlp_biases)):
+                arrays[f"mlp_weight_{i}"] = w
+                arrays[f"mlp_bias_{i}"] = b
+            arrays.update(target_mean=self.target_mean, target_scale=self.target_scale)
+        return arrays
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        meta = {
+            "name": self.name or path.name.removesuffix(PROBE_SUFFIX),
+            "task": self.task,
+            "model": self.model,
+            "classes": list(self.classes),
+            "label_columns": list(self.label_columns),
+            "embedding": self.embedding,
+            "metrics": self.metrics,
+            "training": self.training,
+            "mlp_layers": len(self.mlp_weights),
+        }
+        write_probe_file(path, meta, self.arrays())
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Probe":
+        path = Path(path)
+        meta, arrays = read_probe_file(path)
+        return _probe_from_file(path, meta, arrays)
+
+
+def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> Probe:
+    """Rebuild a probe and check that its parts fit together."""
+
+    def bad(reason: str) -> InputError:
+        return InputError(f"{path}: invalid probe ({reason})")
+
+    task, model = meta.get("task"), meta.get("model")
+    if task not in TASKS:
+        raise bad(f"unknown task {task!r}")
+    if model not in MODELS:
+        raise bad(f"unknown model {model!r}")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad("no class or target names")
+    embedding = meta.get("embedding")
+    if not isinstance(embedding, dict) or any(k not in embedding for k in SETTINGS_KEYS):
+        raise bad("no embedding settings")
+    for name in ("feature_mean", "feature_scale"):
+        if name not in arrays or arrays[name].ndim != 1:
+            raise bad(f"missing or malformed {name}")
+    n = arrays["feature_mean"].size
+    if arrays["feature_scale"].shape != (n,) or not (arrays["feature_scale"] > 0).all():
+        raise bad("feature_scale must be positive and match feature_mean")
+    if int(embedding.get("n_features", n)) != n:
+        raise bad(f"{n} features but the embedding settings say {embedding.get('n_features')}")
+    outputs = 1 if task == "binary" else len(classes)
+    if task == "binary" and len(classes) != 2:
+        raise bad("a binary probe needs exactly 2 class names")
+    probe = Probe(
+        task=task,
+        model=model,
+        classes=list(classes),
+        label_columns=list(meta.get("label_columns") or []),
+        feature_mean=arrays["feature_mean"],
+        feature_scale=arrays["feature_scale"],
+        embedding=embedding,
+        metrics=meta.get("metrics") or {},
+        training=meta.get("training") or {},
+        name=str(meta.get("name") or path.name),
+        path=path,
+    )
+    if model in ("logistic", "ridge"):
+        w, b = arrays.get("weight"), arrays.get("bias")
+        if w is None or b is None or w.shape != (outputs, n) or b.shape != (outputs,):
+            raise bad(f"weights must be ({outputs}, {n}) with {outputs} biases")
+        probe.weight, probe.bias = w, b
+    else:
+        layers = meta.get("mlp_layers")
+        if not isinstance(layers, int) or not 1 <= layers <= 3:
+            raise bad("an MLP probe needs 1 to 3 layers")
+        width = n
+        for i in range(layers):
+            w, b = arrays.get(f"mlp_weight_{i}"), arrays.get(f"mlp_bias_{i}")
+            if w is None or b is None or w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+                raise bad(f"MLP layer {i} does not fit the previous one")
+            probe.mlp_weights.append(w)
+            probe.mlp_biases.append(b)
+            width = w.shape[1]
+        if width != outputs:
+            raise bad(f"MLP gives {width} outputs for {outputs} targets")
+        tm, ts = arrays.get("target_mean"), arrays.get("target_scale")
+        if tm is None or ts is None or tm.shape != (outputs,) or ts.shape != (outputs,):
+            raise bad("MLP target scaling is missing")
+        probe.target_mean, probe.target_scale = tm, ts
+    return probe
+
+
+@dataclass
+class ProbeScores:
+    ids: list[str]
+    names: list[str]
+    scores: np.ndarray
+    predicted: list[str]
+    task: str
+
+    def header(self, prefix: str = "") -> list[str]:
+        column = "p_" if self.task in CLASSIFICATION_TASKS else ""
+        return ["id", f"{prefix}predicted", *(f"{prefix}{column}{n}" for n in self.names)]
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.header())
+        for identifier, pred, row in zip(self.ids, self.predicted, self.scores):
+            writer.writerow([identifier, pred, *(format(float(v), ".6g") for v in row)])
+        return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass
+class FitOptions:
+    task: str = "auto"
+    model: str = "auto"
+    """``logistic`` for classification, ``ridge`` (default) or ``mlp`` for regression."""
+    select: str = "val"
+    """``val``: fit on train, choose on val (the paper); ``cv``: stratified k-fold on train+val, refit on both."""
+    folds: int = 5
+    c_grid: tuple[float, ...] = PAPER_C_GRID
+    alpha_grid: tuple[float, ...] | None = None
+    hidden: tuple[int, ...] = (256,)
+    seed: int = 0
+    max_iter: int = 3000
+    positive: str | None = None
+    """The positive class of a binary task (default: the second in sorted order, e.g. 1)."""
+
+
+@dataclass
+class FitResult:
+    probe: Probe
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per split: (truth, scores) as used for the metrics and plots."""
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _encode_targets(task: str, labels: Labels, positive: str | None) -> tuple[np.ndarray, list[str]]:
+    columns = list(labels.columns)
+    if task in ("binary", "multiclass"):
+        values = labels.columns[columns[0]]
+        classes = _sorted_classes(values)
+        if task == "binary" and positive is not None:
+            if positive not in classes:
+                raise InputError(f"{labels.path}: positive class {positive!r} is not among {', '.join(classes)}")
+            classes = [c for c in classes if c != positive] + [positive]
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[v] for v in values], dtype=np.int64), classes
+    if task == "multilabel":
+        return np.stack([_as_float(labels.columns[c]) for c in columns], axis=1).astype(np.int64), columns
+    return np.stack([_as_float(labels.columns[c]) for c in columns], axis=1), columns
+
+
+def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=0, dtype=np.float64)
+    scale = x.std(axis=0, dtype=np.float64)
+    scale[~(scale > 1e-12)] = 1.0  # a constant feature carries nothing; keep it finite
+    return mean, scale
+
+
+@dataclass
+class _Fitted:
+    """One fitted model in standardized space."""
+
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    mlp_weights: list[np.ndarray] = field(default_factory=list)
+    mlp_biases: list[np.ndarray] = field(default_factory=list)
+    target_mean: np.ndarray | None = None
+    target_scale: np.ndarray | None = None
+    converged: bool = True
+
+
+def _fit_one(model: str, task: str, z: np.ndarray, y: np.ndarray, strength: float, options: FitOptions) -> _Fitted:
+    """Fit one model with one regularization strength on standardized features."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        if model == "logistic":
+            from sklearn.linear_model import LogisticRegression
+
+            m = LogisticRegression(C=strength, max_iter=options.max_iter, random_state=options.seed)
+            m.fit(z, y)
+            weight, bias = m.coef_.astype(np.float64), m.intercept_.astype(np.float64)
+            if task == "multiclass" and weight.shape[0] != int(y.max()) + 1:
+                raise InputError("a class has no training example; every class needs some in the train split")
+            out = _Fitted(weight=weight, bias=bias)
+        elif model == "ridge":
+            from sklearn.linear_model import Ridge
+
+            m = Ridge(alpha=strength)
+            m.fit(z, y)
+            out = _Fitted(weight=np.atleast_2d(m.coef_).astype(np.float64), bias=np.atleast_1d(m.intercept_).astype(np.float64))
+        else:
+            from sklearn.neural_network import MLPRegressor
+
+            t_mean, t_scale = _standardizer(y)
+            m = MLPRegressor(hidden_layer_sizes=tuple(options.hidden), activation="relu", alpha=strength,
+                             max_iter=options.max_iter, random_state=options.seed, early_stopping=False)
+            target = (y - t_mean) / t_scale
+            m.fit(z, target if target.shape[1] > 1 else target[:, 0])
+            out = _Fitted(mlp_weights=[w.astype(np.float64) for w in m.coefs_],
+                          mlp_biases=[b.astype(np.float64) for b in m.intercepts_],
+                          target_mean=t_mean, target_scale=t_scale)
+    out.converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return out
+
+
+def _as_probe_parts(f: _Fitted) -> dict:
+    return dict(weight=f.weight, bias=f.bias, mlp_weights=f.mlp_weights, mlp_biases=f.mlp_biases,
+                target_mean=f.target_mean, target_scale=f.target_scale)
+
+
+def _temporary_probe(task: str, model: str, classes: list[str], mean, scale, fitted: _Fitted) -> Probe:
+    return Probe(task=task, model=model, classes=classes, label_columns=[], feature_mean=mean, feature_scale=scale,
+                 **_as_probe_parts(fitted))
+
+
+def _selection_score(task: str, y: np.ndarray, scores: np.ndarray) -> float:
+    """Higher is better: AUC (ties broken by log-loss) for classification, -MSE for regression."""
+    if task in ("binary", "multiclass"):
+        m = classification_metrics(task, y, scores)
+        p = np.clip(scores[np.arange(len(y)), y], 1e-12, 1.0)
+        auc = m["auc"] if m["auc"] is not None else (m["accuracy"] or 0.0)
+        return float(auc) - 1e-6 * float(np.mean(-np.log(p)))
+    if task == "multilabel":  # called per label: y (n,), scores (n, 2)
+        return _selection_score("binary", y, scores)
+    return -float(np.mean((scores - y) ** 2 / np.maximum(np.var(y, axis=0), 1e-12)))
+
+
+def _folds(task: str, y: np.ndarray, n_folds: int, seed: int, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if task in ("binary", "multiclass"):
+        smallest = int(np.bincount(y).min()) if len(y) else 0
+        if smallest < 2:
+            raise InputError(f"{where}: a class has fewer than 2 examples in train+val; cross-validation needs more")
+        k = min(n_folds, smallest)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y))
+    if len(y) < 2 * n_folds:
+        raise InputError(f"{where}: only {len(y)} train+val rows for {n_folds}-fold cross-validation")
+    return list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y))))
+
+
+def _select(model: str, task: str, x_fit: np.ndarray, y_fit: np.ndarray, x_val, y_val, grid, options: FitOptions,
+            where: str, say: ProgressFn, cancel) -> tuple[float, dict]:
+    """Pick the regularization strength; returns it and the score of every candidate."""
+    scores: dict[str, float] = {}
+    score_task = "binary" if task == "multilabel" else task
+    if score_task == "binary":
+        names = ["0", "1"]
+    elif score_task == "multiclass":
+        names = [str(i) for i in range(int(max(y_fit.max(), y_val.max() if len(y_val) else 0)) + 1)]
+    else:
+        names = [str(i) for i in range(y_fit.shape[1])]
+    for strength in grid:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        if options.select == "val":
+            mean, scale = _standardizer(x_fit)
+            fitted = _fit_one(model, score_task, (x_fit - mean) / scale, y_fit, strength, options)
+            probe = _temporary_probe(score_task, model, names, mean, scale, fitted)
+            value = _selection_score(score_task, y_val, probe.scores(x_val))
+        else:
+            fold_values = []
+            for train_idx, test_idx in _folds(score_task, y_fit, options.folds, options.seed, where):
+                xt, yt = x_fit[train_idx], y_fit[train_idx]
+                mean, scale = _standardizer(xt)
+                fitted = _fit_one(model, score_task, (xt - mean) / scale, yt, strength, options)
+                probe = _temporary_probe(score_task, model, names, mean, scale, fitted)
+                fold_values.append(_selection_score(score_task, y_fit[test_idx], probe.scores(x_fit[test_idx])))
+            value = float(np.mean(fold_values))
+        scores[format(strength, "g")] = round(value, 6)
+        say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} score {value:.4f}")
+    best = max(grid, key=lambda s: (scores[format(s, "g")], -abs(math.log10(s))))
+    return best, scores
+
+
+def fit_probe(
+    embeddings: EmbeddingSet,
+    labels: Labels,
+    options: FitOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    cancel=None,
+) -> FitResult:
+    """Fit a probe on the labelled embeddings; metrics for every split present."""
+    options = options or FitOptions()
+    say = progress or (lambda message: None)
+    start = time.perf_counter()
+    if options.select not in ("val", "cv"):
+        raise RaptorError(f"select must be 'val' or 'cv' (got {options.select!r})")
+    if not 2 <= options.folds <= 50:
+        raise RaptorError(f"folds must be between 2 and 50 (got {options.folds})")
+    if options.hidden and not 1 <= len(options.hidden) <= 2:
+        raise RaptorError("an MLP probe has one or two hidden layers (at most three weight layers)")
+    known = set(embeddings.ids)
+    missing = [i for i in labels.ids if i not in known]
+    if missing:
+        raise InputError(
+            f"{labels.path}: {len(missing)} labelled id(s) have no embedding, e.g. {missing[0]!r} "
+            f"(embeddings hold {len(known)} ids such as {embeddings.ids[0]!r})"
+        )
+    task = infer_task(labels, options.task)
+    model = options.model
+    if model == "auto":
+        model = "ridge" if task == "regression" else "logistic"
+    if model not in MODELS:
+        raise RaptorError(f"unknown probe model {model!r} (choose from {', '.join(MODELS)})")
+    if task == "regression" and model == "logistic":
+        raise RaptorError("logistic regression is for classification; use --probe-model ridge or mlp for regression")
+    if task != "regression" and model != "logistic":
+        raise RaptorError(f"{model} is for regression; classification uses the logistic probe")
+    y_all, classes = _encode_targets(task, labels, options.positive)
+    split = np.array(labels.splits)
+    x_all = embeddings.rows(labels.ids).astype(np.float64)
+    where = str(labels.path)
+    if not (split == "train").any():
+        raise InputError(f"{where}: has no train rows")
+    if options.select == "val" and not (split == "val").any():
+        raise InputError(f"{where}: has no val rows to choose the regularization on; add some or use --select cv")
+    fit_rows = split == "train" if options.select == "val" else np.isin(split, ("train", "val"))
+    val_rows = split == "val"
+    grid = tuple(options.alpha_grid or (RIDGE_ALPHA_GRID if model == "ridge" else MLP_ALPHA_GRID)) if model != "logistic" else tuple(options.c_grid)
+    if not grid or any(not (g > 0) for g in grid):
+        raise RaptorError("the regularization grid must hold positive numbers")
+    say(f"raptor: {task} probe ({model}) on {int(fit_rows.sum())} rows x {x_all.shape[1]} features, "
+        f"choosing {'C' if model == 'logistic' else 'alpha'} by {'validation' if options.select == 'val' else f'{options.folds}-fold CV'}")
+
+    x_fit = x_all[fit_rows]
+    mean, scale = _standardizer(x_fit)
+    z_fit = (x_fit - mean) / scale
+    selection: dict = {"method": options.select, "grid": list(grid)}
+    converged = True
+    if task == "multilabel":
+        weights, biases, chosen, per_label = [], [], {}, {}
+        for c, name in enumerate(classes):
+            say(f" label {name}:")
+            strength, table = _select(model, task, x_fit, y_all[fit_rows, c], x_all[val_rows], y_all[val_rows, c], grid,
+                                      options, where, say, cancel)
+            fitted = _fit_one(model, "binary", z_fit, y_all[fit_rows, c], strength, options)
+            converged &= fitted.converged
+            weights.append(fitted.weight[0])
+            biases.append(fitted.bias[0])
+            chosen[name], per_label[name] = strength, table
+        final = _Fitted(weight=np.stack(weights), bias=np.array(biases))
+        selection.update(chosen=chosen, scores=per_label)
+    else:
+        y_fit = y_all[fit_rows]
+        y_val = y_all[val_rows]
+        strength, table = _select(model, task, x_fit, y_fit, x_all[val_rows], y_val, grid, options, where, say, cancel)
+        final = _fit_one(model, task, z_fit, y_fit, strength, options)
+        converged = final.converged
+        selection.update(chosen=strength, scores=table)
+    selection["parameter"] = "C" if model == "logistic" else "alpha"
+
+    probe = Probe(task=task, model=model, classes=classes, label_columns=list(labels.columns), feature_mean=mean,
+                  feature_scale=scale, embedding=dict(embeddings.metadata), **_as_probe_parts(final))
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    metrics: dict[str, dict] = {}
+    for name in SPLITS:
+        rows = split == name
+        if not rows.any():
+            continue
+        truth, scores = y_all[rows], probe.scores(x_all[rows])
+        predictions[name] = (truth, scores)
+        metrics[name] = (
+            regression_metrics(truth, scores, classes) if task == "regression" else classification_metrics(task, truth, scores)
+        )
+    probe.metrics = metrics
+    import sklearn
+
+    probe.training = {
+        "selection": selection,
+        "fitted_on": ["train"] if options.select == "val" else ["train", "val"],
+        "rows": {s: int((split == s).sum()) for s in SPLITS},
+        "labels_file": labels.path.name,
+        "seed": options.seed,
+        "max_iter": options.max_iter,
+        "converged": bool(converged),
+        "standardization": "mean/std of the rows fitted on",
+        **({"hidden_layers": list(options.hidden)} if model == "mlp" else {}),
+        **({"positive_class": classes[1]} if task == "binary" else {}),
+        "scikit_learn": sklearn.__version__,
+        "seconds": round(time.perf_counter() - start, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if not converged:
+        say("raptor: warning: the solver did not fully converge for the chosen setting (raise --max-iter)")
+    return FitResult(probe=probe, predictions=predictions)
+
+
+__all__ = [
+    "EmbeddingSet",
+    "FitOptions",
+    "FitResult",
+    "Labels",
+    "Probe",
+    "ProbeScores",
+    "fit_probe",
+    "infer_task",
+    "load_embeddings",
+    "read_labels",
+    "PAPER_C_GRID",
+]
