@@ -37,12 +37,29 @@ class CancelToken(Protocol):
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(slices_done, slices_total)`` for the current volume."""
 
-SliceTokensFn = Callable[[Any, int, torch.Tensor, torch.Tensor], None]
-"""Called as ``hook(key, plane_index, slice_indices, patch_tokens)`` for every encoded slice group.
+SliceTokensFn = Callable[..., None]
+"""Called as ``hook(key, plane_index, slice_indices, patch_tokens)`` for every encoded slice group,
+or as ``hook(key, plane_index, slice_indices, patch_tokens, cls_tokens)`` when the hook
+takes a fifth positional parameter.
 
-``patch_tokens`` is (n, p*p, d) float32 on the device.  Used by the explainer,
-which needs per-slice tokens; the plain embedding path never keeps them.
+``patch_tokens`` is (n, p*p, d) and ``cls_tokens`` (n, d), float32 on the device.
+Used by the explainer, which needs per-slice tokens (the CLS ones too when
+``keep_cls`` is on); the plain embedding path never keeps them.
 """
+
+
+def _hook_takes_cls(hook) -> bool:
+    """True when ``hook`` accepts the per-slice CLS tokens as a fifth argument."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 5
 
 
 @dataclass
@@ -155,6 +172,9 @@ class TriaxialEncoder:
         pp = self.encoder.patch_grid**2
         dev = self.encoder.device
         queue: list[tuple[PlaneSums, int, int, torch.Tensor]] = []  # (state, plane slot, slice index, cube)
+        if slice_hook is not None and not _hook_takes_cls(slice_hook):
+            patch_only_hook = slice_hook
+            slice_hook = lambda key, slot, idx, patch, cls: patch_only_hook(key, slot, idx, patch)  # noqa: E731
         queued = 0
         active: list[PlaneSums] = []
 
@@ -172,15 +192,19 @@ class TriaxialEncoder:
                     else:
                         queue[0] = (state, slot, start + n, cube, count - n)
                 queued -= taken
-                images = torch.cat([_cut(cube, state.plane_axes[slot], start, n) for state, slot, start, cube, n in take])
-                cls, patch = self._forward(images, cancel)
+                cuts = [_cut(cube, state.plane_axes[slot], start, n) for state, slot, start, cube, n in take]
+                if len({tuple(c.shape[1:]) for c in cuts}) == 1:
+                    cls, patch = self._forward(torch.cat(cuts), cancel)
+                else:  # a non-cubic native grid: planes have differently shaped slices
+                    outs = [self._forward(c, cancel) for c in cuts]
+                    cls, patch = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
                 offset = 0
                 for state, slot, start, cube, n in take:
                     state.patches[slot] += patch[offset : offset + n].sum(0, dtype=torch.float64)
                     state.cls[slot] += cls[offset : offset + n].sum(0, dtype=torch.float64)
                     if slice_hook is not None:
                         idx = torch.arange(start, start + n, device=dev)
-                        slice_hook(state.key, slot, idx, patch[offset : offset + n])
+                        slice_hook(state.key, slot, idx, patch[offset : offset + n], cls[offset : offset + n])
                     offset += n
                     state.done += n
                     state.pending -= n
@@ -251,7 +275,7 @@ class TriaxialEncoder:
             state.cls[slot] += cls.to(torch.float64)
         if slice_hook is not None:
             for i, (cls, patch) in zip(const_idx, tokens):
-                slice_hook(state.key, slot, torch.tensor([int(i)], device=cube.device), patch[None])
+                slice_hook(state.key, slot, torch.tensor([int(i)], device=cube.device), patch[None], cls[None])
         state.done += len(const_idx)
         self.reused_slices += len(const_idx)
         runs, start = [], None
