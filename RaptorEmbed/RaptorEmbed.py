@@ -1,0 +1,627 @@
+"""RaptorEmbed: click Embed on an open scan and get its Raptor embedding on the node.
+
+The widget only gathers inputs and shows results.  Everything testable lives
+in the engine package (``RaptorExtension.mrml_embed.EmbedLogic``, Qt-free and
+tested headless against a real MRML scene); :class:`RaptorEmbedLogic` adds the
+parameter node and Slicer's event processing to it.
+"""
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    parameterNodeWrapper,
+    Choice,
+    WithinRange,
+)
+
+from slicer import vtkMRMLScalarVolumeNode
+
+
+def _makeEngineImportable() -> None:
+    """A development checkout keeps RaptorExtension/ beside this module's folder; an installed extension
+    puts it in the scripted-modules folder, which is already on the path."""
+    try:
+        import RaptorExtension  # noqa: F401
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(root, "RaptorExtension")) and root not in sys.path:
+            sys.path.insert(0, root)
+
+
+_makeEngineImportable()
+
+from RaptorExtension import dependencies  # noqa: E402  (no torch import: installed at first use)
+from RaptorExtension.errors import Cancelled, RaptorError  # noqa: E402
+from RaptorExtension.mrml_embed import (  # noqa: E402
+    CANCELLED,
+    DEFAULT_MODEL_CHOICE,
+    DEVICE_CHOICES,
+    DONE,
+    FAILED,
+    MODEL_CHOICES,
+    OTHER_MODEL_CHOICE,
+    PRESET_CHOICES,
+    EmbedLogic,
+    choice_for_model,
+    describe_embedding,
+    settings_from_choices,
+)
+from RaptorExtension.node_attributes import read_embedding  # noqa: E402
+
+POLL_INTERVAL_MSEC = 100
+CACHE_SETTINGS_KEY = "Raptor/ModelCacheFolder"
+
+
+#
+# RaptorEmbed
+#
+
+
+class RaptorEmbed(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Raptor Embed")
+        self.parent.categories = ["Raptor"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["Raptor contributors"]
+        self.parent.helpText = _("""
+Turns the selected CT or MR volume into a train-free Raptor embedding (ICML 2025, arXiv 2507.08254):
+every axial, coronal and sagittal slice of the volume, resampled to an isotropic cube, goes through a
+frozen DINOv2; the patch tokens are averaged per plane and projected to K values with a seeded random
+matrix. The embedding is stored on the volume node (attributes <code>Raptor.Embedding</code> and
+<code>Raptor.Metadata</code>), is saved with the scene, and can be exported to CSV for linear probes.
+""")
+        self.parent.acknowledgementText = _("""
+Raptor: Ulzee An et al., "Raptor: Scalable Train-Free Embeddings for 3D Medical Volumes Leveraging
+Pretrained 2D Foundation Models", ICML 2025. DINOv2 by Meta AI.
+""")
+
+
+#
+# RaptorEmbedParameterNode
+#
+
+
+@parameterNodeWrapper
+class RaptorEmbedParameterNode:
+    """
+    The parameters needed by module.
+
+    inputVolume - The volume to embed.
+    model - A model of the list, or "other" for the folder or hub id in otherModel.
+    otherModel - A local model folder or a Hugging Face model id.
+    k - Projected width K (100 = Raptor, 10 = Raptor-B).
+    seed - Seed of the random projection.
+    preset - Intensity preset; "auto" picks the CT window for DICOM CT, percentiles for MR.
+    grid - Side of the isotropic cube in voxels.
+    device - auto, cuda or cpu.
+    keepCls - Also keep the mean CLS token of each plane.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: Annotated[str, Choice([*MODEL_CHOICES, OTHER_MODEL_CHOICE])] = DEFAULT_MODEL_CHOICE
+    otherModel: str = ""
+    k: Annotated[int, WithinRange(1, 4096)] = 100
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    preset: Annotated[str, Choice(list(PRESET_CHOICES))] = "auto"
+    grid: Annotated[int, WithinRange(16, 1024)] = 256
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    keepCls: bool = False
+
+
+#
+# RaptorEmbedWidget
+#
+
+
+class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        # Load widget from .ui file (created by Qt Designer).
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RaptorEmbed.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+
+        # Set scene in MRML widgets. In Qt designer the top-level qMRMLWidget's
+        # "mrmlSceneChanged(vtkMRMLScene*)" signal is connected to each MRML widget's
+        # "setMRMLScene(vtkMRMLScene*)" slot.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = RaptorEmbedLogic()
+
+        # The worker thread reports through a queue; this timer drains it on the main thread.
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MSEC)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+
+        # These connections ensure that we update parameter node when scene is closed
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Buttons
+        self.ui.embedButton.connect("clicked(bool)", self.onEmbedButton)
+        self.ui.browseModelFolderButton.connect("clicked(bool)", self.onBrowseModelFolder)
+        self.ui.refreshTableButton.connect("clicked(bool)", self.updateEmbeddingsTable)
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.openCacheButton.connect("clicked(bool)", self.onOpenCache)
+        self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.modelCachePathLineEdit.connect("currentPathChanged(QString)", self.onModelCacheChanged)
+
+        self.ui.progressBar.setVisible(False)
+        self.restoreModelCacheFolder()
+        self.updateDependencyInformation()
+
+        # Make sure parameter node is initialized (needed for module reload)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self.logic is not None and self.logic.isRunning():
+            self.logic.cancel("Slicer is closing")
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+        self.updateEmbeddingsTable()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module. A running embedding goes on."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanEmbed)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed (the logic cancels a running job itself)."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed."""
+        self.setParameterNode(self.logic.getParameterNode())
+
+        # Default input: the volume shown in the red slice view, else the first scalar volume.
+        if not self._parameterNode.inputVolume:
+            shownVolume = self._shownVolume() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if shownVolume:
+                self._parameterNode.inputVolume = shownVolume
+
+    @staticmethod
+    def _shownVolume():
+        layoutManager = slicer.app.layoutManager()
+        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
+        if sliceWidget is None:
+            return None
+        volumeId = sliceWidget.sliceLogic().GetSliceCompositeNode().GetBackgroundVolumeID()
+        node = slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
+        return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+
+    def setParameterNode(self, inputParameterNode: Optional[RaptorEmbedParameterNode]) -> None:
+        """Set and observe parameter node."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanEmbed)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Note: in the .ui file, a Qt dynamic property called "SlicerParameterName" is set on each
+            # ui element that needs connection.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanEmbed)
+            self._checkCanEmbed()
+
+    def _checkCanEmbed(self, caller=None, event=None) -> None:
+        running = self.logic.isRunning()
+        hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
+        isOther = bool(self._parameterNode and self._parameterNode.model == OTHER_MODEL_CHOICE)
+        self.ui.otherModelLineEdit.enabled = isOther
+        self.ui.browseModelFolderButton.enabled = isOther
+        if running:
+            self.ui.embedButton.text = _("Cancel")
+            self.ui.embedButton.toolTip = _("Stop the running embedding; nothing is written to the volume")
+            self.ui.embedButton.enabled = True
+        else:
+            self.ui.embedButton.text = _("Embed")
+            self.ui.embedButton.enabled = hasInput
+            self.ui.embedButton.toolTip = (
+                _("Embed the selected volume (runs in the background)") if hasInput else _("Select a volume to embed")
+            )
+        if hasInput:
+            self.showStoredEmbedding(self._parameterNode.inputVolume)
+
+    # -- embedding -------------------------------------------------------------
+
+    def onEmbedButton(self) -> None:
+        """Embed, or cancel the running embedding (the button turns into Cancel while it runs)."""
+        if self.logic.isRunning():
+            self.logic.cancel()
+            self.ui.statusLabel.text = _("Cancelling (stops before the next batch of slices)...")
+            return
+        try:
+            if not dependencies.ensure_dependencies(askConfirmation=True):
+                self.ui.statusLabel.text = _("Raptor needs PyTorch and its Python packages; they were not installed.")
+                return
+            settings = self.logic.settingsFromParameterNode(self._parameterNode)
+            with slicer.util.WaitCursor():
+                self.logic.embed(
+                    self._parameterNode.inputVolume,
+                    settings,
+                    progressCallback=self.onProgress,
+                    completionCallback=self.onCompleted,
+                )
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        except Exception as exc:
+            logging.exception("Raptor could not start")
+            slicer.util.errorDisplay(_("Raptor could not start: {error}").format(error=exc))
+            return
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.setRange(0, 0)  # busy until the first slice count arrives
+        self.ui.statusLabel.text = _("Starting...")
+        self._pollTimer.start()
+        self._checkCanEmbed()
+
+    def onPollTimer(self) -> None:
+        if not self.logic.poll():
+            self._pollTimer.stop()
+
+    def onProgress(self, progress) -> None:
+        if progress.total:
+            self.ui.progressBar.format = f"%v / %m {progress.unit}"
+            self.ui.progressBar.setRange(0, progress.total)
+            self.ui.progressBar.setValue(progress.done)
+        else:
+            self.ui.progressBar.setRange(0, 0)
+        self.ui.statusLabel.text = progress.describe()
+
+    def onCompleted(self, job) -> None:
+        self.ui.progressBar.setVisible(False)
+        if job.status == DONE:
+            self.ui.statusLabel.text = _("Embedded {name} in {seconds:.1f} s").format(name=job.node_name, seconds=job.seconds)
+            self.updateEmbeddingsTable()
+        elif job.status == CANCELLED:
+            self.ui.statusLabel.text = _("Cancelled ({reason}); nothing was written to {name}").format(
+                reason=job.cancel_reason, name=job.node_name
+            )
+        elif job.status == FAILED:
+            self.ui.statusLabel.text = _("Failed")
+            slicer.util.errorDisplay(job.error)
+        self.updateDependencyInformation()
+        self._checkCanEmbed()
+
+    def showStoredEmbedding(self, volumeNode) -> None:
+        """The summary of the embedding stored on the selected volume (model, K, shape, time, device)."""
+        try:
+            embedding = read_embedding(volumeNode)
+        except RaptorError as exc:
+            self.ui.summaryLabel.text = str(exc)
+            return
+        self.ui.summaryLabel.text = describe_embedding(embedding) if embedding else _("Not embedded yet.")
+
+    def onBrowseModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Model folder (Hugging Face format)"), self._parameterNode.otherModel or ""
+        )
+        if folder:
+            self._parameterNode.otherModel = folder
+
+    # -- results ---------------------------------------------------------------
+
+    def updateEmbeddingsTable(self) -> None:
+        if self.logic is None:
+            return
+        tableNode = self.logic.updateEmbeddingsTable()
+        self.ui.embeddingsTableView.setMRMLTableNode(tableNode)
+        self.ui.exportCsvButton.enabled = tableNode.GetNumberOfRows() > 0
+
+    def onExportCsv(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), _("Export embeddings to CSV"), "raptor_embeddings.csv", _("CSV files (*.csv)")
+        )
+        if not path:
+            return
+        try:
+            with slicer.util.WaitCursor():
+                written = self.logic.exportCSV(path)
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.statusLabel.text = _("Exported {count} volumes to {path}").format(
+            count=len(self.logic.embeddedVolumeNodes()), path=written
+        )
+
+    # -- dependencies and model cache ------------------------------------------
+
+    def updateDependencyInformation(self) -> None:
+        try:
+            self.ui.torchLabel.text = dependencies.torch_summary()
+        except Exception as exc:  # a broken torch install must not break the panel
+            self.ui.torchLabel.text = _("PyTorch cannot be loaded ({error})").format(error=exc)
+        self.ui.installDependenciesButton.enabled = not dependencies.dependencies_ready()
+        self.updateCachedModels()
+
+    def onInstallDependencies(self) -> None:
+        try:
+            with slicer.util.WaitCursor():
+                ready = dependencies.ensure_dependencies(askConfirmation=True)
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            ready = False
+        if not ready:
+            self.ui.statusLabel.text = _("Raptor's dependencies are not installed yet.")
+        self.updateDependencyInformation()
+
+    def restoreModelCacheFolder(self) -> None:
+        folder = qt.QSettings().value(CACHE_SETTINGS_KEY, "")
+        if folder:
+            try:
+                self.logic.setModelCacheFolder(folder)
+            except RaptorError as exc:
+                logging.warning("Raptor: %s; using the default model cache", exc)
+        self.ui.modelCachePathLineEdit.currentPath = str(self.logic.modelCacheFolder())
+
+    def onModelCacheChanged(self, path) -> None:
+        if not path or os.path.normpath(path) == os.path.normpath(str(self.logic.modelCacheFolder())):
+            return
+        try:
+            folder = self.logic.setModelCacheFolder(path)
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            self.ui.modelCachePathLineEdit.currentPath = str(self.logic.modelCacheFolder())
+            return
+        qt.QSettings().setValue(CACHE_SETTINGS_KEY, str(folder))
+        self.updateCachedModels()
+
+    def updateCachedModels(self) -> None:
+        models = self.logic.cachedModels()
+        if not models:
+            self.ui.cachedModelsLabel.text = _("No models cached yet; the chosen model is downloaded on first use.")
+        else:
+            self.ui.cachedModelsLabel.text = "\n".join(
+                f"{m.repo_id} ({m.size_bytes / 1024**3:.2f} GB)" for m in models
+            )
+        self.ui.clearCacheButton.enabled = bool(models)
+
+    def onOpenCache(self) -> None:
+        folder = self.logic.modelCacheFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    def onClearCache(self) -> None:
+        models = self.logic.cachedModels()
+        if not models:
+            return
+        listing = "\n".join(f"{m.repo_id} ({m.size_bytes / 1024**3:.2f} GB)" for m in models)
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Delete these cached models? They are downloaded again when needed.\n\n{listing}").format(listing=listing),
+            windowTitle=_("Clear model cache"),
+        ):
+            return
+        try:
+            removed = self.logic.clearModelCache()
+        except (RaptorError, OSError) as exc:
+            slicer.util.errorDisplay(_("Could not clear the model cache: {error}").format(error=exc))
+            return
+        self.ui.statusLabel.text = _("Removed {count} cached models").format(count=len(removed))
+        self.updateCachedModels()
+
+    def onImportModel(self) -> None:
+        """Air-gapped sites: copy a model folder (downloaded elsewhere) into the cache."""
+        from RaptorExtension.model_cache import default_repo_id
+        from pathlib import Path
+
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model folder to import"))
+        if not folder:
+            return
+        repoId = qt.QInputDialog.getText(
+            slicer.util.mainWindow(),
+            _("Import model"),
+            _("Model id to register it under (e.g. facebook/dinov2-large to use it as DINOv2-L offline):"),
+            qt.QLineEdit.Normal,
+            default_repo_id(Path(folder)),
+        )
+        if not repoId:
+            return
+        try:
+            if not dependencies.ensure_dependencies(askConfirmation=True):
+                return
+            with slicer.util.WaitCursor():
+                modelId = self.logic.importModelFolder(folder, repoId.strip())
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._parameterNode.model, otherModel = choice_for_model(modelId)
+        if otherModel:
+            self._parameterNode.otherModel = otherModel
+        self.ui.statusLabel.text = _("Imported {model} into the model cache").format(model=modelId)
+        self.updateCachedModels()
+
+
+#
+# RaptorEmbedLogic
+#
+
+
+class RaptorEmbedLogic(ScriptedLoadableModuleLogic, EmbedLogic):
+    """Embed volumes from Slicer's Python console, scripts and the module panel.
+
+    ``RaptorEmbedLogic().embed(volumeNode, waitForCompletion=True)`` returns the
+    embedding (and stores it on the node); without ``waitForCompletion`` it
+    returns the running job and reports through ``progressCallback`` and
+    ``completionCallback`` while something calls ``poll()`` (the module panel
+    does, from a timer).  All of it is :class:`RaptorExtension.mrml_embed.EmbedLogic`.
+    """
+
+    def __init__(self) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        EmbedLogic.__init__(self)
+
+    def getParameterNode(self):
+        return RaptorEmbedParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settingsFromParameterNode(parameterNode: RaptorEmbedParameterNode):
+        return settings_from_choices(
+            model=parameterNode.model,
+            other_model=parameterNode.otherModel,
+            k=parameterNode.k,
+            seed=parameterNode.seed,
+            preset=parameterNode.preset,
+            grid=parameterNode.grid,
+            device=parameterNode.device,
+            keep_cls=parameterNode.keepCls,
+        )
+
+    def embed(self, volumeNode, settings=None, **kwargs):
+        """Install PyTorch and the packages at first use (asking the user), then embed."""
+        if not dependencies.ensure_dependencies(askConfirmation=True):
+            raise RaptorError("Raptor needs PyTorch and its Python packages; they were not installed")
+        return EmbedLogic.embed(self, volumeNode, settings, **kwargs)
+
+    def _idle(self) -> None:
+        """Keep Slicer responsive while a script waits for an embedding."""
+        slicer.app.processEvents()
+
+
+#
+# RaptorEmbedTest
+#
+
+
+class RaptorEmbedTest(ScriptedLoadableModuleTest):
+    """
+    This is the test case for your scripted module.
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        self.test_RaptorEmbed1()
+        self.setUp()
+        self.test_RaptorEmbedCancel()
+
+    def _tinyLogic(self):
+        """A logic serving a tiny random-init DINOv2 (no download), or a skip if torch is missing."""
+        if not dependencies.dependencies_ready():
+            self.skipTest("PyTorch or Raptor's Python packages are not installed")
+        from RaptorExtension.model import encoder_from_model, random_dinov2
+        from RaptorExtension.pipeline import EmbedSettings
+
+        model = random_dinov2(hidden_size=32, layers=2, heads=2, image_size=56, seed=0)
+        encoder = encoder_from_model(model, "raptor-selftest/random-dinov2", device="cpu", image_size=56)
+        logic = RaptorEmbedLogic()
+        logic.useEncoder(encoder)
+        settings = EmbedSettings(model=encoder.name, k=8, seed=0, grid=32, device="cpu", batch_size=8)
+        return logic, settings
+
+    @staticmethod
+    def _syntheticVolume(name):
+        import numpy as np
+
+        k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 28, 32)], indexing="ij")
+        voxels = (1000 * np.exp(-3 * ((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2)) - 500).astype(np.int16)
+        node = slicer.util.addVolumeFromArray(voxels, name=name)
+        node.SetSpacing(0.8, 0.8, 2.5)
+        return node
+
+    def test_RaptorEmbed1(self):
+        """Embed a synthetic volume, blocking, and check what is stored on the node."""
+        self.delayDisplay("Starting the test")
+        from RaptorExtension.node_attributes import EMBEDDING_ATTRIBUTE, METADATA_ATTRIBUTE
+
+        logic, settings = self._tinyLogic()
+        volumeNode = self._syntheticVolume("RaptorSelfTest")
+        embedding = logic.embed(volumeNode, settings, waitForCompletion=True)
+
+        self.assertIsNotNone(volumeNode.GetAttribute(EMBEDDING_ATTRIBUTE))
+        self.assertIsNotNone(volumeNode.GetAttribute(METADATA_ATTRIBUTE))
+        stored = read_embedding(volumeNode)
+        self.assertEqual(stored.vector.tobytes(), embedding.vector.tobytes())
+        self.assertEqual(stored.metadata["k"], 8)
+        self.assertEqual(stored.vector.size, 3 * 8 * 4 * 4)
+        self.assertEqual(stored.metadata["id"], "RaptorSelfTest")
+
+        tableNode = logic.updateEmbeddingsTable()
+        self.assertEqual(tableNode.GetNumberOfRows(), 1)
+        csvPath = os.path.join(slicer.app.temporaryPath, "RaptorEmbedSelfTest.csv")
+        logic.exportCSV(csvPath)
+        from RaptorExtension.tables import read_table
+
+        table = read_table(csvPath)
+        self.assertEqual(table.ids, ["RaptorSelfTest"])
+        self.assertEqual(table.features[0].tobytes(), embedding.vector.tobytes())
+        self.delayDisplay("Test passed")
+
+    def test_RaptorEmbedCancel(self):
+        """Start an embedding in the background, cancel it, and check nothing was written."""
+        import time
+
+        from RaptorExtension.node_attributes import has_embedding
+
+        logic, settings = self._tinyLogic()
+        volumeNode = self._syntheticVolume("RaptorSelfTestCancel")
+        finished = []
+        job = logic.embed(volumeNode, settings, completionCallback=finished.append)
+        logic.cancel()
+        while logic.poll():
+            slicer.app.processEvents()
+            time.sleep(0.01)
+        self.assertEqual(finished, [job])
+        self.assertEqual(job.status, CANCELLED)
+        self.assertFalse(has_embedding(volumeNode))
+        with self.assertRaises(Cancelled):
+            logic.embed(volumeNode, settings, waitForCompletion=True, cancel=_AlreadySet())
+        self.assertFalse(has_embedding(volumeNode))
+        self.delayDisplay("Test passed")
+
+
+class _AlreadySet:
+    """A cancel token that is set from the start (the run stops before its first batch)."""
+
+    def is_set(self) -> bool:
+        return True
