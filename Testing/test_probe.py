@@ -21,7 +21,7 @@ from RaptorExtension.probe import (
     load_embeddings,
     read_labels,
 )
-from RaptorExtension.probe_io import content_digest, read_probe_file, write_probe_file
+from RaptorExtension.probe_io import content_digest, write_probe_file
 from RaptorExtension.tables import write_table
 
 N, F = 96, 48
