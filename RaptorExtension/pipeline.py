@@ -205,17 +205,20 @@ class Embedder:
         progress: ProgressCallback | None = None,
         cancel=None,
         readers: int = 2,
+        loader: str = "threads",
     ) -> Iterator[tuple[VolumeRef, Embedding | None, str | None]]:
         """Embed many volumes, batching slices across them; yields ``(ref, embedding, error)``.
 
         A volume that fails to read or prepare yields an error message and the
         others go on; errors in the encoder itself (GPU, model) propagate.
+        ``loader="processes"`` reads in ``readers`` processes instead of
+        threads (see :mod:`.loaders`; the refs must be picklable).
         """
         failures: list[tuple[VolumeRef, str]] = []
         prepared: dict[int, tuple[VolumeRef, PreparedVolume, float]] = {}
 
         def cubes() -> Iterator[tuple[int, torch.Tensor]]:
-            for slot, (ref, loaded) in enumerate(prefetch(refs, readers)):
+            for slot, (ref, loaded) in enumerate(prefetch(refs, readers, processes=loader == "processes")):
                 start = time.perf_counter()
                 try:
                     if isinstance(loaded, BaseException):
@@ -249,13 +252,22 @@ def _by_id(progress: ProgressCallback | None, prepared: dict) -> Callable[[Any, 
     return report
 
 
-def prefetch(refs: Iterable[VolumeRef], workers: int = 2, depth: int = 2) -> Iterator[tuple[VolumeRef, Volume | BaseException]]:
+def prefetch(
+    refs: Iterable[VolumeRef], workers: int = 2, depth: int = 2, *, processes: bool = False
+) -> Iterator[tuple[VolumeRef, Volume | BaseException]]:
     """Load volumes in background threads, in order, at most ``depth`` ahead.
 
     Reading and decoding (DICOM, gzip) release the GIL, so the next scans are
     read while the GPU encodes the current one.  Errors are returned, not
-    raised, so one unreadable file does not stop the others.
+    raised, so one unreadable file does not stop the others.  With
+    ``processes`` the reads run in loader processes (:mod:`.loaders`), for
+    readers that hold the GIL.
     """
+    if processes and workers > 0:
+        from .loaders import prefetch_in_processes
+
+        yield from prefetch_in_processes(refs, workers, depth)
+        return
     refs = iter(refs)
     if workers <= 0:
         for ref in refs:

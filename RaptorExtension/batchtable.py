@@ -1,0 +1,262 @@
+"""Embedding CSVs too big to load: index them as a stream, append to them, copy rows between them.
+
+A cohort table is large (a default Raptor row has 76,800 features, about
+1 MB of text; 100,000 series make a 100 GB CSV), so a resumed job or a merge
+must never hold the features in memory the way :func:`.tables.read_table`
+does.  Here a table is read one line at a time and only the identifying
+columns before ``e0`` are parsed; the features are counted, not converted.
+
+Rows are the ones :mod:`.tables` writes (same columns, same quoting), and
+appends go through :class:`.tables.TableAppender` (one ``write`` + ``fsync``
+per row), so a killed job leaves at most a torn last line, which
+:func:`repair_tail` removes by reading only the end of the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .embedding import SETTINGS_KEYS, check_compatible
+from .errors import InputError, MetadataMismatch
+from .tables import FEATURE_RE, TableAppender, _parse_setting
+
+PREFIX_PARSE_BYTES = 1 << 16  # identifying columns are far shorter than this
+
+
+def _line(values: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(list(values))
+    return buffer.getvalue()
+
+
+def repair_tail(path: str | Path) -> int:
+    """Cut a torn last line (no final newline) left by a killed writer; returns the bytes removed.
+
+    Reads only the end of the file, however large it is.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "r+b") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        end = size
+        cut = 0
+        block = 1 << 20
+        while end > 0:
+            start = max(0, end - block)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            pos = chunk.rfind(b"\n")
+            if pos >= 0:
+                cut = start + pos + 1
+                break
+            end = start
+        handle.truncate(cut)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return size - cut
+
+
+@dataclass
+class TableIndex:
+    """The identifying part of a table: header, ids, shared settings, where each row starts."""
+
+    path: Path
+    header: list[str]
+    ids: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    settings: dict | None = None
+    torn_tail: bool = False
+    prefix_columns: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_prefix(self) -> int:
+        return first_feature_column(self.header, self.path)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.header) - self.n_prefix
+
+
+def first_feature_column(header: Sequence[str], path: Path | str) -> int:
+    for i, name in enumerate(header):
+        if FEATURE_RE.match(name):
+            features = header[i:]
+            if [int(FEATURE_RE.match(h).group(1)) if FEATURE_RE.match(h) else -1 for h in features] != list(range(len(features))):
+                raise InputError(f"{path}: feature columns are not e0..e{len(features) - 1} in order at the end")
+            return i
+    raise InputError(f"{path}: no feature columns e0..eN")
+
+
+def _row_settings(prefix: dict[str, str]) -> dict:
+    settings = {k: _parse_setting(k, prefix.get(k, "")) for k in SETTINGS_KEYS}
+    settings["encoder"] = prefix.get("encoder", "")
+    return settings
+
+
+def _split_prefix(raw: bytes, header: list[str], n_prefix: int, path: Path, line_no: int) -> list[str]:
+    """The fields before ``e0``, checking the row has exactly the header's number of columns."""
+    expected = len(header)
+    head = raw[:PREFIX_PARSE_BYTES].decode("utf-8", errors="replace")
+    fields = next(csv.reader([head]), [])
+    if len(fields) > n_prefix:
+        prefix = fields[:n_prefix]
+        written = _line(prefix)[:-1].encode("utf-8") + b","
+        if raw.startswith(written):
+            tail = raw[len(written) :].rstrip(b"\r\n")
+            if tail.count(b",") + 1 + n_prefix == expected and b'"' not in tail:
+                return prefix
+    fields = next(csv.reader([raw.decode("utf-8", errors="replace").rstrip("\r\n")]), [])
+    if len(fields) != expected:
+        raise InputError(f"{path}: line {line_no} has {len(fields)} columns, the header {expected} (a torn or edited row)")
+    return fields[:n_prefix]
+
+
+def iter_rows(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, int, bytes, list[str]] | list[str]]:
+    """Yield the header (a list), then ``(line_no, offset, raw_line, prefix_fields)`` per row."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    with handle:
+        first = handle.readline()
+        if not first.strip():
+            raise InputError(f"{path}: empty CSV")
+        if not first.endswith(b"\n"):
+            raise InputError(f"{path}: the header line is torn (the writer was killed while creating the file)")
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")]))
+        if not header or header[0] != "id":
+            raise InputError(f"{path}: not an embedding table (the first column is not 'id')")
+        yield header
+        n_prefix = first_feature_column(header, path)
+        offset = len(first)
+        line_no = 1
+        while True:
+            raw = handle.readline()
+            if not raw:
+                return
+            line_no += 1
+            if not raw.endswith(b"\n"):
+                if allow_torn_tail:
+                    return
+                raise InputError(f"{path}: line {line_no} is torn (the writer was killed mid-row); rerun the job to repair it")
+            if raw.strip():
+                yield line_no, offset, raw, _split_prefix(raw, header, n_prefix, path, line_no)
+            offset += len(raw)
+
+
+def index_table(path: str | Path, *, allow_torn_tail: bool = False, keep: Sequence[str] = ()) -> TableIndex:
+    """Stream through a table: ids, row offsets, the shared settings (checked on every row).
+
+    ``keep`` names identifying columns whose per-row values to keep (e.g.
+    ``SeriesInstanceUID``).  Features are never parsed.
+    """
+    path = Path(path)
+    rows = iter_rows(path, allow_torn_tail=allow_torn_tail)
+    header = next(rows)
+    n_prefix = first_feature_column(header, path)
+    names = header[:n_prefix]
+    index = TableIndex(path=path, header=list(header), prefix_columns={k: [] for k in keep if k in names})
+    has_settings = all(k in names for k in SETTINGS_KEYS)
+    seen: set[str] = set()
+    for line_no, offset, raw, prefix in rows:
+        values = dict(zip(names, prefix))
+        row_id = values["id"]
+        if row_id in seen:
+            raise InputError(f"{path}: id {row_id!r} appears more than once (line {line_no})")
+        seen.add(row_id)
+        if has_settings:
+            settings = _row_settings(values)
+            if index.settings is None:
+                index.settings = settings
+            else:
+                check_compatible(index.settings, settings, f"{path}: row {row_id!r} vs row {index.ids[0]!r}")
+        index.ids.append(row_id)
+        index.offsets.append(offset)
+        for k in index.prefix_columns:
+            index.prefix_columns[k].append(values[k])
+    if allow_torn_tail:
+        index.torn_tail = not _ends_clean(path)
+    return index
+
+
+def _ends_clean(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def read_line_at(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.readline()
+
+
+class StreamingAppender(TableAppender):
+    """A :class:`.tables.TableAppender` that opens a big table without loading it.
+
+    The header is fixed up front (the job knows its columns and feature
+    count before the first row), so even a table with no rows yet says what
+    it will hold, and a resumed job refuses a table with other columns or
+    other settings before embedding anything.
+    """
+
+    def __init__(self, path: str | Path, header: Sequence[str], settings: dict | None = None) -> None:
+        self.path = Path(path)
+        self.extra_columns = []
+        self.header = list(header)
+        self.settings = settings
+        self.ids = set()
+        if self.path.exists() and self.path.stat().st_size > 0:
+            repair_tail(self.path)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            existing = index_table(self.path)
+            if existing.header != self.header:
+                raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
+            if existing.settings is not None:
+                if settings is not None:
+                    check_compatible(existing.settings, settings, f"{self.path} (existing rows) vs this run")
+                self.settings = existing.settings
+            self.ids = set(existing.ids)
+        else:
+            atomic_write_text(self.path, _line(self.header))
+
+    def append_raw(self, row_id: str, raw: bytes) -> None:
+        """Append a row copied verbatim from a table with the same header."""
+        if not raw.endswith(b"\n"):
+            raw += b"\n"
+        with open(self.path, "ab") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.ids.add(row_id)
+
+
+def _header_difference(path: Path, found: list[str], wanted: list[str]) -> str:
+    n_found = sum(1 for h in found if FEATURE_RE.match(h))
+    n_wanted = sum(1 for h in wanted if FEATURE_RE.match(h))
+    if n_found != n_wanted:
+        return f"{path}: holds {n_found} features per row, this run makes {n_wanted} (other K, model or planes); use another output file"
+    extra = [h for h in found if h not in wanted]
+    lacking = [h for h in wanted if h not in found]
+    detail = ", ".join([f"extra column {h}" for h in extra[:3]] + [f"no column {h}" for h in lacking[:3]]) or "columns in another order"
+    return f"{path}: was written with other columns ({detail}); use another output file"
+
+
+__all__ = ["repair_tail", "index_table", "iter_rows", "TableIndex", "StreamingAppender", "read_line_at", "first_feature_column"]

@@ -1,0 +1,227 @@
+"""Read volumes in loader processes, so decoding never stalls the thread that feeds the GPU.
+
+Why processes and not threads: Slicer's readers (VTK and ITK through the
+``slicer-core`` wrappers) keep Python's GIL while they decode a series.  A
+loader *thread* therefore freezes the encoding thread for the whole read (a
+CT series takes about half a second), and the GPU starves.  Loader processes
+decode truly in parallel.
+
+Why files on a RAM disk to hand volumes back: returning a 100 MB array
+through a ``multiprocessing`` pipe pickles and copies it several times in the
+receiving process, holding the GIL.  Here a loader writes the array as
+``.npy`` into a private folder on ``/dev/shm`` (tmpfs, i.e. memory) and the
+encoding process reads it with one ``readinto`` (no GIL held) and deletes it.
+
+A reader that crashes its process (a segfault in a native decoder on a
+corrupt file) costs that volume only: the pool is restarted, the other
+volumes in flight are read again, and a volume that takes a loader down twice
+is reported as unreadable.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import RaptorError
+from .readers import VolumeRef
+from .volume import Volume
+
+HANDOFF_PREFIX = "raptor-load-"
+
+
+@dataclass
+class _Handoff:
+    """A loaded volume whose voxels wait in ``path``."""
+
+    path: str
+    volume: Volume
+
+
+def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | RaptorError:
+    """Runs in a loader process: read, validate, park the voxels in ``folder``."""
+    try:
+        volume = ref.load()
+    except RaptorError as exc:
+        return exc
+    except Exception as exc:  # an unexpected reader failure becomes a per-volume error
+        return RaptorError(f"{ref.source}: could not be read ({type(exc).__name__}: {exc})")
+    path = os.path.join(folder, uuid.uuid4().hex + ".npy")
+    np.save(path, np.ascontiguousarray(volume.array), allow_pickle=False)
+    volume.array = np.empty((0, 0, 0), dtype=volume.array.dtype)
+    return _Handoff(path, volume)
+
+
+def _receive(result: _Handoff | RaptorError) -> Volume | RaptorError:
+    if isinstance(result, RaptorError):
+        return result
+    try:
+        array = np.load(result.path, allow_pickle=False)
+    finally:
+        _unlink(result.path)
+    result.volume.array = array
+    return result.volume
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def handoff_base() -> str:
+    """``/dev/shm`` when it is a usable RAM disk, else the temporary folder."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        return shm
+    return tempfile.gettempdir()
+
+
+def remove_stale_handoffs(base: str) -> None:
+    """Delete hand-off folders left by killed jobs of this user (their process is gone)."""
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return
+    for name in entries:
+        if not name.startswith(HANDOFF_PREFIX):
+            continue
+        folder = os.path.join(base, name)
+        try:
+            pid = int(name[len(HANDOFF_PREFIX) :].split("-")[0])
+            if os.stat(folder).st_uid != os.getuid():
+                continue
+        except (ValueError, OSError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _picklable(ref: VolumeRef) -> bool:
+    try:
+        pickle.dumps(ref)
+    except Exception:
+        return False
+    return True
+
+
+def prefetch_in_processes(
+    refs: Iterable[VolumeRef], workers: int, depth: int
+) -> Iterator[tuple[VolumeRef, Volume | RaptorError]]:
+    """Load volumes in ``workers`` processes, in order, at most ``depth`` ahead.
+
+    Same contract as :func:`.pipeline.prefetch`: errors are yielded, not
+    raised.  References must be picklable (those from
+    :meth:`.sources.SeriesItem.ref` are); if the first one is not, loading
+    falls back to threads.
+
+    When a loader process dies, the volumes that were in flight are read
+    again one at a time, so the one that kills its reader is identified and
+    reported, and the others are not blamed.
+    """
+    refs = iter(refs)
+    first = next(refs, None)
+    if first is None:
+        return
+    if not _picklable(first):
+        from .pipeline import prefetch
+
+        yield from prefetch(_chain(first, refs), workers, depth)
+        return
+    refs = _chain(first, refs)
+    depth = max(depth, workers + 1)
+    base = handoff_base()
+    remove_stale_handoffs(base)
+    folder = tempfile.mkdtemp(prefix=f"{HANDOFF_PREFIX}{os.getpid()}-", dir=base)
+    context = multiprocessing.get_context("spawn")
+
+    def new_pool(n: int) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=context)
+
+    pool = new_pool(workers)
+    pending: deque[list] = deque()  # [ref, future]
+    isolating = 0  # how many leading entries are being re-read one at a time after a crash
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and not isolating and len(pending) < depth:
+                ref = next(refs, None)
+                if ref is None:
+                    exhausted = True
+                    break
+                pending.append([ref, pool.submit(_load_to_file, ref, folder)])
+            if not pending:
+                break
+            entry = pending[0]
+            try:
+                result = entry[1].result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                if isolating:
+                    # One read at a time: the head is the one that took its process down.
+                    pending.popleft()
+                    isolating -= 1
+                    yield entry[0], RaptorError(
+                        f"{entry[0].source}: the reader crashed its process on this series (a corrupt file?)"
+                    )
+                else:
+                    isolating = len(pending)
+                pool = new_pool(1)
+                for other in pending:
+                    if _needs_resubmit(other[1]):
+                        other[1] = pool.submit(_load_to_file, other[0], folder)
+                if not isolating:
+                    pool.shutdown(wait=True)
+                    pool = new_pool(workers)
+                continue
+            pending.popleft()
+            if isolating:
+                isolating -= 1
+                if not isolating:
+                    pool.shutdown(wait=True)
+                    pool = new_pool(workers)
+            yield entry[0], _receive(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for entry in pending:
+            if entry[1].done() and not entry[1].cancelled() and entry[1].exception() is None:
+                result = entry[1].result()
+                if isinstance(result, _Handoff):
+                    _unlink(result.path)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _needs_resubmit(future: concurrent.futures.Future) -> bool:
+    if future.cancelled() or not future.done():
+        return True
+    return isinstance(future.exception(), BrokenProcessPool)
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+__all__ = ["prefetch_in_processes", "handoff_base", "remove_stale_handoffs"]

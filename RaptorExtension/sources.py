@@ -1,0 +1,462 @@
+"""Find the series of a cohort: DICOM folder trees, volume files and manifest CSVs.
+
+Discovery reads headers only (``pydicom`` with ``stop_before_pixels``), so a
+cohort is listed, filtered and split into shards before a single voxel is
+decoded.  Every series becomes a :class:`SeriesItem`: plain, picklable data
+(paths, UIDs, modality, slice count) that a job can sort, filter, shard, send
+to worker processes and, only then, load with :func:`load_item` through the
+engine's Slicer readers.
+
+The same item type comes out of a Slicer DICOM database (:mod:`.dicomdb`), so
+filtering and the rows written for each series are the same whatever the
+source.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, RaptorError
+from .readers import (
+    SLICER_VOLUME_SUFFIXES,
+    DicomSeries,
+    VolumeRef,
+    _header_shape,
+    _is_dicom_file,
+    dicom_folder_series,
+    expand_input,
+    read_dicom_series,
+    scan_dicom_files,
+    volume_id_from_path,
+)
+from .volume import Volume
+
+NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "FID", "OT-SR", "AU", "ECG", "PLAN"}
+)
+"""DICOM modalities that never hold a volume; skipped unless asked for by name."""
+
+MANIFEST_PATH_COLUMNS = ("path", "source", "file")
+MANIFEST_FIELD_COLUMNS = {
+    "id": "user_id",
+    "patientid": "patient_id",
+    "studyinstanceuid": "study_uid",
+    "seriesinstanceuid": "series_uid",
+    "modality": "modality",
+    "seriesdescription": "description",
+}
+
+
+@dataclass
+class SeriesItem:
+    """One series (or volume file) of a cohort, before anything is read.
+
+    ``kind`` says how :func:`load_item` reads it:
+
+    ``dicom``  ``paths`` are the slice files of one series; ``sorted_files``
+               says whether they are already in slice order (a header scan
+               did it) or must be sorted from their headers at load time (a
+               database lists files, not positions).
+    ``path``   ``paths[0]`` is anything ``raptor embed`` reads: a NRRD, NIfTI
+               or MetaImage file, a one-series DICOM folder, ``.npy``.
+    """
+
+    key: str
+    kind: str
+    paths: list[str]
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    modality: str = ""
+    description: str = ""
+    n_slices: int | None = None
+    sorted_files: bool = False
+    mixed_geometry: str = ""
+    user_id: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """Where the series lives: the folder(s) holding its files, or the file itself."""
+        if self.kind == "dicom":
+            return "|".join(dict.fromkeys(os.path.dirname(p) for p in self.paths)) or self.key
+        return self.paths[0] if self.paths else self.key
+
+    def ref(self, id: str) -> VolumeRef:
+        """A lazily loading reference; picklable, so a loader process can read it."""
+        return VolumeRef(id=id, source=self.source, loader=functools.partial(load_item, self, id))
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_item(item: SeriesItem, id: str) -> Volume:
+    """Read one item with the engine's Slicer readers (runs in a loader thread or process)."""
+    source = item.source
+    if item.kind == "dicom":
+        series = _dicom_series_for(item)
+        volume = read_dicom_series(series, source, id=id)
+    elif item.kind == "path":
+        refs = expand_input(item.paths[0])
+        if len(refs) != 1:
+            raise InputError(f"{item.paths[0]}: holds {len(refs)} volumes; list each one in the manifest")
+        volume = refs[0].load()
+    else:  # pragma: no cover - items are built by this module
+        raise InputError(f"{source}: unknown series kind {item.kind!r}")
+    volume.id = id
+    if not volume.modality and item.modality:
+        volume.modality = item.modality
+    return volume
+
+
+def _dicom_series_for(item: SeriesItem) -> DicomSeries:
+    if item.sorted_files:
+        info = {"PatientID": item.patient_id, "StudyInstanceUID": item.study_uid,
+                "SeriesInstanceUID": item.series_uid, "SeriesDescription": item.description,
+                "mixed_geometry": item.mixed_geometry}
+        info.update({k: v for k, v in item.info.items() if k not in info})
+        return DicomSeries(files=list(item.paths), modality=item.modality or None, info=info)
+    missing = [p for p in item.paths if not os.path.isfile(p)]
+    if missing:
+        raise InputError(
+            f"{item.source}: {len(missing)} of {len(item.paths)} files of series {item.series_uid or item.key} "
+            f"are missing on disk (first: {missing[0]})"
+        )
+    series, skipped = scan_dicom_files(Path(p) for p in item.paths)
+    if item.series_uid:
+        series = [s for s in series if s.uid == item.series_uid] or series
+    if not series:
+        reason = skipped[0][1] if skipped else "no image slices"
+        raise InputError(f"{item.source}: series {item.series_uid or item.key} holds no readable DICOM image ({reason})")
+    if len(series) > 1:
+        raise InputError(f"{item.source}: the files of series {item.series_uid or item.key} hold {len(series)} series")
+    return series[0]
+
+
+# ---------------------------------------------------------------------------
+# Filters
+
+
+@dataclass
+class SeriesFilter:
+    """Which series to embed: by modality, minimum slice count, description pattern."""
+
+    modalities: tuple[str, ...] = ()
+    min_slices: int = 0
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(m.strip().upper() for m in self.modalities if m.strip())
+        if self.min_slices < 0:
+            raise RaptorError(f"minimum slice count must be 0 or more (got {self.min_slices})")
+        self._pattern = None
+        if self.description:
+            try:
+                self._pattern = re.compile(self.description, re.IGNORECASE)
+            except re.error as exc:
+                raise RaptorError(f"series-description pattern {self.description!r} is not a valid regular expression ({exc})") from None
+
+    @property
+    def needs_headers(self) -> bool:
+        return bool(self.modalities or self.min_slices or self._pattern)
+
+    def describe(self) -> dict:
+        return {"modalities": list(self.modalities), "min_slices": self.min_slices, "description": self.description}
+
+    def exclusion(self, item: SeriesItem) -> str | None:
+        """Why ``item`` is left out, or None to keep it."""
+        modality = (item.modality or "").upper()
+        if self.modalities:
+            if not modality:
+                return f"modality unknown, not one of {','.join(self.modalities)}"
+            if modality not in self.modalities:
+                return f"modality {modality} not one of {','.join(self.modalities)}"
+        elif modality in NON_IMAGE_MODALITIES:
+            return f"modality {modality} holds no image volume"
+        if self.min_slices and item.n_slices is not None and item.n_slices < self.min_slices:
+            return f"{item.n_slices} slices, fewer than {self.min_slices}"
+        if self._pattern is not None and not self._pattern.search(item.description or ""):
+            return f"series description {item.description!r} does not match {self.description!r}"
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Discovery results
+
+
+@dataclass
+class Discovery:
+    """What a source holds: the items, and files that were not usable with the reason."""
+
+    items: list[SeriesItem] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+    def extend(self, other: "Discovery") -> None:
+        self.items.extend(other.items)
+        self.skipped_files.extend(other.skipped_files)
+
+
+def _series_item(series: DicomSeries) -> SeriesItem:
+    info = series.info
+    return SeriesItem(
+        key=series.uid or series.files[0],
+        kind="dicom",
+        paths=list(series.files),
+        patient_id=info.get("PatientID", ""),
+        study_uid=info.get("StudyInstanceUID", ""),
+        series_uid=series.uid,
+        modality=series.modality or "",
+        description=info.get("SeriesDescription", ""),
+        n_slices=len(series.files),
+        sorted_files=True,
+        mixed_geometry=info.get("mixed_geometry", ""),
+        info={k: v for k, v in info.items() if k in ("StudyDate", "Manufacturer") and v},
+    )
+
+
+def _file_item(path: Path) -> SeriesItem:
+    shape = _header_shape(path)
+    return SeriesItem(
+        key=os.path.abspath(path),
+        kind="path",
+        paths=[os.path.abspath(path)],
+        n_slices=int(shape[2]) if shape and len(shape) >= 3 else None,
+    )
+
+
+def _is_volume_file(name: str) -> bool:
+    return name.lower().endswith(SLICER_VOLUME_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------
+# Folder trees
+
+
+def discover_folder(
+    root: str | Path,
+    *,
+    cancel=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Discovery:
+    """Every series under ``root``: DICOM files grouped by SeriesInstanceUID, plus volume files.
+
+    Headers are scanned one folder at a time, so memory holds one folder's
+    headers, not the tree's; the rare series spread over several folders is
+    regrouped afterwards.  Hidden files and folders are ignored, as are files
+    that are neither DICOM nor a volume format (``.raw`` beside ``.mhd``,
+    licences, spreadsheets).  ``progress(folders_done, folders_total)``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise InputError(f"{root}: is not a folder (use --manifest for a list of files)")
+    folders: list[tuple[str, list[str]]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = sorted(f for f in filenames if not f.startswith("."))
+        if names:
+            folders.append((dirpath, names))
+    found = Discovery()
+    by_uid: dict[str, list[DicomSeries]] = {}
+    for n, (dirpath, names) in enumerate(folders):
+        if cancel is not None and cancel.is_set():
+            from .errors import Cancelled
+
+            raise Cancelled()
+        candidates = []
+        for name in names:
+            path = Path(dirpath) / name
+            if _is_volume_file(name):
+                found.items.append(_file_item(path))
+            elif name.lower().endswith(".dcm") or _is_dicom_file(path):
+                candidates.append(path)
+        if candidates:
+            series, skipped = scan_dicom_files(candidates)
+            found.skipped_files.extend(skipped)
+            for s in series:
+                by_uid.setdefault(s.uid, []).append(s)
+        if progress is not None:
+            progress(n + 1, len(folders))
+    for uid, parts in by_uid.items():
+        if len(parts) == 1:
+            found.items.append(_series_item(parts[0]))
+            continue
+        merged, skipped = scan_dicom_files(Path(f) for part in parts for f in part.files)
+        found.skipped_files.extend(skipped)
+        found.items.extend(_series_item(s) for s in merged)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Manifest CSV
+
+
+def read_manifest(path: str | Path) -> Discovery:
+    """Items listed in a CSV with a ``path`` column and optional ``id`` and DICOM columns.
+
+    Relative paths are relative to the manifest's folder.  Other columns
+    (labels, notes) are ignored.  A path may be a volume file or a folder with
+    one DICOM series; whether it exists is checked when it is loaded, so one
+    bad line is logged as a failure and the rest are embedded.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such manifest file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV manifest ({type(exc).__name__})") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise InputError(f"{path}: manifest is empty")
+    header = [h.strip() for h in rows[0]]
+    lower = [h.lower() for h in header]
+    path_col = next((lower.index(c) for c in MANIFEST_PATH_COLUMNS if c in lower), None)
+    if path_col is None:
+        raise InputError(f"{path}: manifest has no 'path' column (columns: {', '.join(header) or 'none'})")
+    fields = {i: MANIFEST_FIELD_COLUMNS[h] for i, h in enumerate(lower) if h in MANIFEST_FIELD_COLUMNS}
+    base = path.parent
+    found = Discovery()
+    seen_ids: dict[str, int] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise InputError(f"{path}: line {line_no} has {len(row)} columns, the header {len(header)}")
+        raw = row[path_col].strip()
+        if not raw:
+            raise InputError(f"{path}: line {line_no} has an empty path")
+        target = Path(raw) if os.path.isabs(raw) else base / raw
+        target_s = os.path.abspath(target)
+        values = {attr: _clean(row[i]) for i, attr in fields.items()}
+        user_id = values.get("user_id", "")
+        if user_id:
+            if user_id in seen_ids:
+                raise InputError(f"{path}: id {user_id!r} on line {line_no} is already used on line {seen_ids[user_id]}")
+            seen_ids[user_id] = line_no
+        item = SeriesItem(key=user_id or target_s, kind="path", paths=[target_s], **values)
+        item.modality = item.modality.upper()
+        found.items.append(item)
+    return found
+
+
+def fill_headers(item: SeriesItem) -> None:
+    """Read what a filter needs (modality, description, slice count) from the headers of a manifest entry.
+
+    Only done when a filter asks for it, so a large manifest without filters
+    is listed without touching the files.  Unreadable entries are left as
+    they are: loading them later logs the precise reason.
+    """
+    if item.kind != "path":
+        return
+    path = Path(item.paths[0])
+    try:
+        if path.is_dir():
+            series = dicom_folder_series(path)
+            item.kind, item.paths, item.sorted_files = "dicom", list(series.files), True
+            item.modality = item.modality or (series.modality or "")
+            item.description = item.description or series.info.get("SeriesDescription", "")
+            item.patient_id = item.patient_id or series.info.get("PatientID", "")
+            item.study_uid = item.study_uid or series.info.get("StudyInstanceUID", "")
+            item.series_uid = item.series_uid or series.uid
+            item.mixed_geometry = series.info.get("mixed_geometry", "")
+            item.n_slices = len(series.files)
+        elif path.is_file() and _is_volume_file(path.name):
+            shape = _header_shape(path)
+            item.n_slices = int(shape[2]) if shape and len(shape) >= 3 else None
+    except RaptorError:
+        return
+
+
+def _clean(value: str) -> str:
+    """One-line text: CSV cells and DICOM strings must never break a table row."""
+    return " ".join(str(value).split())
+
+
+# ---------------------------------------------------------------------------
+# Ids and shards
+
+
+def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) -> list[str]:
+    """A unique, stable id per item.
+
+    A manifest id wins; a DICOM series is its SeriesInstanceUID; a file gets
+    its name without suffix, or, when two files share a name, its path below
+    the source folder, plus a short path hash if that is still ambiguous.
+    """
+    import hashlib
+
+    roots = [os.path.abspath(r) for r in roots]
+    fixed = [bool(it.user_id) or (it.kind == "dicom" and bool(it.series_uid)) for it in items]
+    ids = [it.user_id or (it.series_uid if fx else volume_id_from_path(Path(it.paths[0]))) for it, fx in zip(items, fixed)]
+
+    def collisions() -> set[str]:
+        seen: dict[str, int] = {}
+        for i in ids:
+            seen[i] = seen.get(i, 0) + 1
+        return {i for i, c in seen.items() if c > 1}
+
+    clash = collisions()
+    for n, item in enumerate(items):
+        if ids[n] in clash and not fixed[n]:
+            ids[n] = _relative_id(item.paths[0], roots)
+    clash = collisions()
+    for n, item in enumerate(items):
+        if ids[n] in clash and not fixed[n]:
+            ids[n] = f"{ids[n]}-{hashlib.sha256(item.paths[0].encode()).hexdigest()[:8]}"
+    clash = collisions()
+    if clash:
+        raise InputError(f"two series would get the same id {sorted(clash)[0]!r}; give them distinct ids in a manifest")
+    return ids
+
+
+def _relative_id(path: str, roots: list[str]) -> str:
+    best = path
+    for root in roots:
+        if path.startswith(root.rstrip(os.sep) + os.sep):
+            best = path[len(root.rstrip(os.sep)) + 1 :]
+            break
+    parts = Path(best).parts
+    name = volume_id_from_path(Path(parts[-1]))
+    return "__".join([re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in parts[:-1]] + [name]).lstrip("_") or name
+
+
+def shard_of(id: str, count: int) -> int:
+    """The shard (0-based) an id belongs to: a hash, so adding series never moves old ones."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(id.encode("utf-8")).digest()[:8], "big") % count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), shards numbered 0..N-1 like ``--array=0-7`` array jobs."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise RaptorError(f"shard must be I/N with I in 0..N-1, e.g. 0/8 (got {text!r})")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or i >= n:
+        raise RaptorError(f"shard {text!r}: shards are numbered 0..N-1, so I must be below N")
+    return i, n
+
+
+__all__ = [
+    "SeriesItem",
+    "SeriesFilter",
+    "Discovery",
+    "discover_folder",
+    "read_manifest",
+    "fill_headers",
+    "load_item",
+    "assign_ids",
+    "shard_of",
+    "parse_shard",
+    "NON_IMAGE_MODALITIES",
+]
