@@ -153,6 +153,8 @@ class ProbeLogic:
         self._embedders: dict[tuple, Any] = {}
         self.job: ExplainJob | None = None
         self.lastExplanation = None
+        self.scoresNodes: tuple = (None, None)
+        """(table, bar chart) of the last :meth:`apply`."""
 
     @property
     def scene(self):
@@ -247,6 +249,7 @@ class ProbeLogic:
         if not regression:
             chart.SetYAxisRange(0.0, 1.0)
         chart.SetLegendVisibility(False)
+        self.scoresNodes = (table_node, chart)
         return table_node, chart
 
     # -- explanations ----------------------------------------------------------

@@ -82,6 +82,7 @@ def test_apply_makes_a_scores_table_and_a_bar_chart(scene, settings, tiny_encode
     series = chart[0].GetNthPlotSeriesNode(0)
     assert series.GetPlotType() == series.PlotTypeBar and series.GetTableNodeID() == table.GetID()
     assert series.GetYColumnName() == "Score" and series.GetLabelColumnName() == "Label"
+    assert logic.scoresNodes == (table, chart[0])
     logic.apply(node)  # applying again updates the same nodes instead of piling up new ones
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 1
