@@ -254,18 +254,22 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
             else:
                 found.items.append(item)
 
-    for folder in job.sources.folders:
+    def shown(kind: str, path: str, n: int, of: int) -> str:
+        # Anonymized jobs never print a path: a folder may be named after a patient.
+        return f"{kind} {n} of {of}" if job.anonymizer else f"{kind} {path}"
+
+    for n, folder in enumerate(job.sources.folders, start=1):
         if progress:
-            progress(BatchProgress("discovering", message=f"scanning {folder}"))
+            progress(BatchProgress("discovering", message=f"scanning {shown('folder', folder, n, len(job.sources.folders))}"))
         part = discover_folder(folder, cancel=cancel)
         found.skipped_files.extend(part.skipped_files)
         keep(part.items, fill=False)
     for manifest in job.sources.manifests:
         part = read_manifest(manifest)
         keep(part.items, fill=True)
-    for database in job.sources.dicom_databases:
+    for n, database in enumerate(job.sources.dicom_databases, start=1):
         if progress:
-            progress(BatchProgress("discovering", message=f"reading {database}"))
+            progress(BatchProgress("discovering", message=f"reading {shown('database', database, n, len(job.sources.dicom_databases))}"))
         part, left_out = discover_database(database, filters, cancel=cancel)
         found.extend(part)
         excluded.extend(left_out)

@@ -227,12 +227,12 @@ class StreamingAppender(TableAppender):
             repair_tail(self.path)
         if self.path.exists() and self.path.stat().st_size > 0:
             existing = index_table(self.path)
-            if existing.header != self.header:
-                raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
             if existing.settings is not None:
                 if settings is not None:
                     check_compatible(existing.settings, settings, f"{self.path} (existing rows) vs this run")
                 self.settings = existing.settings
+            if existing.header != self.header:
+                raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
             self.ids = set(existing.ids)
         else:
             atomic_write_text(self.path, _line(self.header))
