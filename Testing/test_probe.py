@@ -310,3 +310,22 @@ def test_positive_class_and_cv_option(tmp_path, embeddings, features):
     flipped = fit_probe(embeddings, labels, FitOptions(positive="benign")).probe
     assert flipped.classes == ["malignant", "benign"]
     np.testing.assert_allclose(flipped.scores(features)[:, 1], default.scores(features)[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_wide_features_use_the_kernel_form_with_the_same_optimum(classes):
+    """More features than rows (Raptor's usual case) is solved in the n x n kernel form; same weights as the primal."""
+    from sklearn.linear_model import LogisticRegression
+
+    from RaptorExtension.probe import _Design, _fit_one
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 400))
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) if classes == 2 else np.digitize(x[:, 0], [-0.5, 0.5])
+    design = _Design(x)
+    assert design.wide
+    for c in (0.01, 1.0, 100.0):
+        fitted = _fit_one("logistic", "binary" if classes == 2 else "multiclass", design, y, c, FitOptions())
+        primal = LogisticRegression(C=c, max_iter=20000, tol=1e-10).fit(design.z, y)
+        np.testing.assert_allclose(fitted.weight, primal.coef_, atol=1e-4)
+        np.testing.assert_allclose(fitted.bias, primal.intercept_, atol=1e-3)
