@@ -33,6 +33,7 @@ import json
 import os
 import queue as queue_module
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -397,22 +398,28 @@ class _Run:
         self.embed_start: float | None = None
         self.state = BatchProgress("discovering")
         self.errors = ErrorLog(job.errors_path)
-        self.redactions: dict[str, dict[str, str]] = {}
+        self.lock = threading.RLock()  # the row writer thread reports too
 
     def report(self, **changes) -> None:
-        for k, v in changes.items():
-            setattr(self.state, k, v)
-        self.state.elapsed = time.perf_counter() - (self.embed_start or self.start)
-        if self.progress_cb is not None:
-            self.progress_cb(self.state)
-        self.state.message = None
+        with self.lock:
+            for k, v in changes.items():
+                setattr(self.state, k, v)
+            self.state.elapsed = time.perf_counter() - (self.embed_start or self.start)
+            if self.progress_cb is not None:
+                self.progress_cb(self.state)
+            self.state.message = None
+
+    def done(self, planned: PlannedSeries) -> None:
+        with self.lock:
+            self.report(done=self.state.done + 1, current=planned.id)
 
     def failed(self, planned: PlannedSeries, reason: str) -> None:
         secrets = redaction_map(planned, self.job)
         reason = Anonymizer.redact(reason, secrets) if secrets else reason
         source = "" if self.job.anonymizer else planned.item.source
-        self.errors.add(planned.id, source, reason)
-        self.report(failed=self.state.failed + 1, message=f"failed: {reason}")
+        with self.lock:
+            self.errors.add(planned.id, source, reason)
+            self.report(failed=self.state.failed + 1, message=f"failed: {reason}")
 
 
 def run_batch(
@@ -462,6 +469,7 @@ def run_batch(
         summary.cancelled = True
     summary.seconds = time.perf_counter() - (run.embed_start or run.start)
     summary.failed = run.state.failed
+    summary.done = run.state.done
     _finish_record(job, summary)
     if job.parquet and not summary.cancelled:
         from .parquet import csv_to_parquet
@@ -525,6 +533,58 @@ def _append(table: StreamingAppender, planned: PlannedSeries, embedding: Embeddi
     table.append(embedding, fields)
 
 
+class RowWriter:
+    """Formats and appends finished rows in a background thread.
+
+    A default Raptor row is 76,800 numbers (about 1 MB of text) followed by
+    an fsync; doing that on the thread that feeds the GPU would leave the GPU
+    idle for tens of milliseconds per series.  The queue is short, so a slow
+    disk slows the job down instead of piling rows up in memory; ``close``
+    writes whatever is queued (also after a cancel) and re-raises a write
+    error.
+    """
+
+    def __init__(self, table: StreamingAppender, job: BatchJob, *, done: Callable[[PlannedSeries], None],
+                 failed: Callable[[PlannedSeries, str], None], depth: int = 4) -> None:
+        self.table, self.job = table, job
+        self.on_done, self.on_failed = done, failed
+        self.queue: queue_module.Queue = queue_module.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="raptor-rows", daemon=True)
+        self.thread.start()
+
+    def put(self, planned: PlannedSeries, embedding: Embedding) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((planned, embedding))
+
+    def _run(self) -> None:
+        while True:
+            entry = self.queue.get()
+            if entry is None:
+                return
+            if self.error is not None:
+                continue
+            planned, embedding = entry
+            try:
+                _append(self.table, planned, embedding, self.job)
+            except MetadataMismatch as exc:
+                self.on_failed(planned, str(exc))
+            except BaseException as exc:  # a full disk: stop the job, keep what is written
+                self.error = exc
+            else:
+                self.on_done(planned)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, OSError):
+                raise RaptorError(f"{self.table.path}: could not append a row ({error.strerror or error})") from None
+            raise error
+
+
 def _run_in_process(run: _Run, plan: Plan, preset: str, embedder, loader: str, summary: BatchSummary, previous) -> None:
     job = run.job
     expected, n_features = _expected_settings(embedder, preset)
@@ -542,20 +602,18 @@ def _run_in_process(run: _Run, plan: Plan, preset: str, embedder, loader: str, s
     def slices(volume_id: str, done: int, total: int) -> None:
         run.report(current=volume_id, slices_done=done, slices_total=total)
 
-    for planned, embedding, error in _embed_planned(embedder, todo, readers=job.readers, loader=loader,
-                                                     cancel=run.cancel, slices=slices):
-        if error is None:
-            try:
-                _append(table, planned, embedding, job)
-            except MetadataMismatch as exc:
-                error = str(exc)
-        if error is not None:
-            run.failed(planned, error)
-            continue
-        summary.done += 1
-        run.report(done=summary.done, current=planned.id)
-        if run.cancel is not None and run.cancel.is_set():
-            raise Cancelled()
+    writer = RowWriter(table, job, done=run.done, failed=run.failed)
+    try:
+        for planned, embedding, error in _embed_planned(embedder, todo, readers=job.readers, loader=loader,
+                                                         cancel=run.cancel, slices=slices):
+            if error is not None:
+                run.failed(planned, error)
+            else:
+                writer.put(planned, embedding)
+            if run.cancel is not None and run.cancel.is_set():
+                raise Cancelled()
+    finally:
+        writer.close()  # rows already embedded are written, even when cancelled
 
 
 # ---------------------------------------------------------------------------
@@ -610,15 +668,18 @@ def _worker_main(config: _WorkerConfig, work, results, cancel) -> None:
                 by_id[planned.id] = planned
                 yield planned.item.ref(planned.id)
 
-        for ref, embedding, error in embedder.embed_many(refs(), progress=slices, cancel=cancel,
-                                                         readers=config.readers, loader=config.loader):
-            planned = by_id.pop(ref.id)
-            if error is None:
-                try:
-                    _append(table, planned, embedding, config.job)
-                except MetadataMismatch as exc:
-                    error = str(exc)
-            results.put(("failed", planned.id, error) if error is not None else ("done", planned.id))
+        writer = RowWriter(table, config.job, done=lambda p: results.put(("done", p.id)),
+                           failed=lambda p, reason: results.put(("failed", p.id, reason)))
+        try:
+            for ref, embedding, error in embedder.embed_many(refs(), progress=slices, cancel=cancel,
+                                                             readers=config.readers, loader=config.loader):
+                planned = by_id.pop(ref.id)
+                if error is not None:
+                    results.put(("failed", planned.id, error))
+                else:
+                    writer.put(planned, embedding)
+        finally:
+            writer.close()
         results.put(("finished",))
     except Cancelled:
         results.put(("cancelled",))
@@ -692,9 +753,7 @@ def _run_workers(run: _Run, plan: Plan, preset: str, devices: list[str], loader:
             elif kind == "slices":
                 run.report(current=message[1], slices_done=message[2], slices_total=message[3])
             elif kind == "done":
-                summary.done += 1
-                by_id.pop(message[1], None)
-                run.report(done=summary.done, current=message[1])
+                run.done(by_id.pop(message[1]))
             elif kind == "failed":
                 run.failed(by_id.pop(message[1]), message[2])
             elif kind in ("finished", "cancelled"):

@@ -31,11 +31,16 @@ def small_ct(offset: int = 0) -> StoredCT:
 
 def write_cohort(folder: Path, n: int, *, patient_prefix: str = "RAPTOR-TEST") -> list:
     """``n`` small series in ``folder/patient/series`` subfolders (two series per patient)."""
+    from pydicom.uid import generate_uid
+
     written = []
     for i in range(n):
         patient = f"{patient_prefix}-{i // 2:04d}"
+        # Deterministic UIDs: ids, their order and their shards are the same in every test run.
         written.append(
             write_axial(small_ct(i), folder / patient / f"series{i}", patient_id=patient,
+                        study_uid=generate_uid(entropy_srcs=[patient_prefix, patient, "study"]),
+                        series_uid=generate_uid(entropy_srcs=[patient_prefix, str(i), "series"]),
                         description=f"derived axial {i}", series_number=900 + i)
         )
     return written

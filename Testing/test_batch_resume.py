@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -83,14 +83,16 @@ def test_cancel_keeps_finished_rows_and_resume_completes(manifest_of_many, tiny_
             cancel.set()
 
     summary = run_batch(job, progress=progress, cancel=cancel)
-    assert summary.cancelled and summary.done == 3
-    assert len(read_table(out).ids) == 3
+    # Rows embedded before the cancel took effect are written, not thrown away (at most the writer's short queue).
+    kept = summary.done
+    assert summary.cancelled and 3 <= kept <= 3 + 6 < count
+    assert len(read_table(out).ids) == kept
     assert ("embedding", 0, count) in seen
-    assert (tmp_path / "cohort.batch.json").exists()
+    assert json.loads((tmp_path / "cohort.batch.json").read_text())["status"] == "cancelled"
 
     summary = run_batch(BatchJob(csv=out, sources=BatchSources(manifests=[str(manifest)]),
                                  settings=tiny_settings(tiny_model_dir), readers=0))
-    assert (summary.done, summary.skipped, summary.failed, summary.cancelled) == (count - 3, 3, 0, False)
+    assert (summary.done, summary.skipped, summary.failed, summary.cancelled) == (count - kept, kept, 0, False)
     assert len(read_table(out).ids) == count
 
 
