@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -406,7 +406,7 @@ class _Run:
                 setattr(self.state, k, v)
             self.state.elapsed = time.perf_counter() - (self.embed_start or self.start)
             if self.progress_cb is not None:
-                self.progress_cb(self.state)
+                self.progress_cb(replace(self.state))  # a snapshot: a GUI may queue it and read it later
             self.state.message = None
 
     def done(self, planned: PlannedSeries) -> None:
@@ -453,7 +453,6 @@ def run_batch(
     preset = _single_preset(job, plan)
     devices = resolve_devices(job.devices, getattr(job.settings, "device", "auto"))
     loader = resolve_loader(job.loader, job.readers)
-    _init_errors(job.errors_path)
     try:
         if len(devices) == 1 and embedder is None:
             from .pipeline import Embedder
@@ -481,8 +480,6 @@ def run_batch(
 
 
 def _with_device(settings, device: str):
-    from dataclasses import replace
-
     return replace(settings, device=device)
 
 
@@ -596,6 +593,7 @@ def _run_in_process(run: _Run, plan: Plan, preset: str, embedder, loader: str, s
     summary.skipped = len(plan.series) - len(todo)
     summary.foreign_rows = len(table.ids - {p.id for p in plan.series})
     _write_record(job, plan, expected, n_features, status="running", summary=summary)
+    _init_errors(job.errors_path)
     run.embed_start = time.perf_counter()
     run.report(phase="embedding", total=len(todo), skipped=summary.skipped)
 
@@ -715,7 +713,8 @@ def _run_workers(run: _Run, plan: Plan, preset: str, devices: list[str], loader:
         work.put(planned)
     for _ in devices:
         work.put(None)
-    readers = max(0, job.readers)
+    # Loader processes are shared out: --readers is a total for the machine, not per device.
+    readers = 0 if job.readers <= 0 else max(1, job.readers // len(devices))
     workers = []
     for n, device in enumerate(devices):
         config = _WorkerConfig(settings=_with_device(job.settings, device), part=str(parts_dir / f"worker-{n}.csv"),
@@ -747,6 +746,7 @@ def _run_workers(run: _Run, plan: Plan, preset: str, devices: list[str], loader:
                     if not job.csv_path.exists() or job.csv_path.stat().st_size == 0:
                         StreamingAppender(job.csv_path, header_for_job(n_features), expected)
                     _write_record(job, plan, expected, n_features, status="running", summary=summary)
+                    _init_errors(job.errors_path)
                     recorded = True
                     run.embed_start = time.perf_counter()
                     run.report(phase="embedding", total=len(todo), skipped=summary.skipped)

@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     run.add_argument("--gpus", default="auto",
                      help="one worker per device: auto (every visible GPU, else --device), a list of GPU indices (0,1), or devices (cuda:0,cuda:1)")
     run.add_argument("--readers", type=_non_negative_int, default=None,
-                     help=f"loader processes (or threads) reading the next series while the encoder works (default {default_readers()} here)")
+                     help=f"loader processes (or threads) reading the next series while the encoder works, shared by all devices (default {default_readers()} here)")
     run.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"), help="how loaders run (default: processes)")
     run.add_argument("--dry-run", action="store_true",
                      help="list what would be embedded and exit (with --anonymize it prints anonymized ids beside real sources: keep that private)")

@@ -49,7 +49,7 @@ class _Handoff:
     volume: Volume
 
 
-def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | RaptorError:
+def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | Volume | RaptorError:
     """Runs in a loader process: read, validate, park the voxels in ``folder``."""
     try:
         volume = ref.load()
@@ -58,13 +58,17 @@ def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | RaptorError:
     except Exception as exc:  # an unexpected reader failure becomes a per-volume error
         return RaptorError(f"{ref.source}: could not be read ({type(exc).__name__}: {exc})")
     path = os.path.join(folder, uuid.uuid4().hex + ".npy")
-    np.save(path, np.ascontiguousarray(volume.array), allow_pickle=False)
+    try:
+        np.save(path, np.ascontiguousarray(volume.array), allow_pickle=False)
+    except OSError:  # the RAM disk is full (a container's small /dev/shm): send it through the pipe instead
+        _unlink(path)
+        return volume
     volume.array = np.empty((0, 0, 0), dtype=volume.array.dtype)
     return _Handoff(path, volume)
 
 
-def _receive(result: _Handoff | RaptorError) -> Volume | RaptorError:
-    if isinstance(result, RaptorError):
+def _receive(result: _Handoff | Volume | RaptorError) -> Volume | RaptorError:
+    if isinstance(result, (RaptorError, Volume)):
         return result
     try:
         array = np.load(result.path, allow_pickle=False)
@@ -81,11 +85,14 @@ def _unlink(path: str) -> None:
         pass
 
 
-def handoff_base() -> str:
-    """``/dev/shm`` when it is a usable RAM disk, else the temporary folder."""
+def handoff_base(min_free: int = 2 << 30) -> str:
+    """``/dev/shm`` when it is a writable RAM disk with room for a few volumes, else the temporary folder."""
     shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        return shm
+    try:
+        if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= min_free:
+            return shm
+    except OSError:
+        pass
     return tempfile.gettempdir()
 
 

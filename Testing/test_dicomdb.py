@@ -153,3 +153,61 @@ def test_missing_files_of_a_database_series_are_a_logged_failure(ctk_db, tiny_mo
     errors = (tmp_path / "out_errors.csv").read_text().splitlines()
     assert len(errors) == 2 and "1 of 17 files of series" in errors[1] and "missing on disk" in errors[1]
     assert "1 series failed" in capsys.readouterr().err
+
+
+class CtkDatabaseStandIn:
+    """The part of ``ctkDICOMDatabase``'s Python API that ``SlicerDicomIndex`` calls, answered from the
+    same SQLite file the way CTK answers it (slicer-core has no DICOM database to test against)."""
+
+    isOpen = True
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.db = sqlite3.connect(f"file:{folder / 'ctkDICOM.sql'}?mode=ro", uri=True)
+
+    def _list(self, sql: str, *args) -> list[str]:
+        return [str(r[0]) for r in self.db.execute(sql, args).fetchall()]
+
+    def patients(self):
+        return self._list("SELECT UID FROM Patients")
+
+    def studiesForPatient(self, patient):
+        return self._list("SELECT StudyInstanceUID FROM Studies WHERE PatientsUID = ?", patient)
+
+    def seriesForStudy(self, study):
+        return self._list("SELECT SeriesInstanceUID FROM Series WHERE StudyInstanceUID = ?", study)
+
+    def filesForSeries(self, series):
+        names = self._list("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?", series)
+        return [n if not n or Path(n).is_absolute() else str(self.folder / n) for n in names]
+
+    def fieldForPatient(self, field, patient):
+        row = self.db.execute(f"SELECT {field} FROM Patients WHERE UID = ?", (patient,)).fetchone()
+        return "" if row is None or row[0] is None else str(row[0])
+
+    def fieldForSeries(self, field, series):
+        row = self.db.execute(f"SELECT {field} FROM Series WHERE SeriesInstanceUID = ?", (series,)).fetchone()
+        return "" if row is None or row[0] is None else str(row[0])
+
+    def fileValue(self, filename, tag):
+        """Like CTK: the tag's value read from the file, empty when the file or the tag is missing."""
+        import pydicom
+
+        group, element = (int(part, 16) for part in tag.split(","))
+        try:
+            element_value = pydicom.dcmread(filename, stop_before_pixels=True).get((group, element))
+        except (OSError, pydicom.errors.InvalidDicomError):
+            return ""
+        return "" if element_value is None else str(element_value.value)
+
+
+def test_slicer_database_walk_gives_the_same_series_as_the_file(ctk_db):
+    from RaptorExtension.dicomdb import discover_slicer_database
+
+    filters = SeriesFilter(modalities=("CT",))
+    in_slicer, left_in_slicer = discover_slicer_database(filters, database=CtkDatabaseStandIn(ctk_db["folder"]))
+    headless, left_headless = discover_database(ctk_db["folder"], filters)
+    key = lambda i: (i.key, sorted(i.paths), i.patient_id, i.study_uid, i.modality, i.description, i.n_slices)  # noqa: E731
+    assert sorted(map(key, in_slicer.items)) == sorted(map(key, headless.items))
+    assert len(in_slicer.items) == 3
+    assert sorted(i.key for i, _ in left_in_slicer) == sorted(i.key for i, _ in left_headless)

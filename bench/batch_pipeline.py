@@ -77,9 +77,13 @@ def main() -> None:
     parser.add_argument("--loader", default="processes", choices=("processes", "threads"))
     parser.add_argument("--work-dir", default=None, help="keep the derived series here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--torch-threads", type=int, default=None, help="CPU threads for the encoder (default: PyTorch's)")
     args = parser.parse_args()
 
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     from RaptorExtension.batch import BatchJob, BatchSources, run_batch
     from RaptorExtension.model import model_summary
@@ -146,6 +150,7 @@ def main() -> None:
         "series": args.series,
         "voxels_per_series": int(voxels),
         "readers": f"{args.readers} {args.loader}",
+        "torch_threads": torch.get_num_threads(),
         "encoder_only_volumes_per_s": round(encoder_total, 3),
         "encoder_only_steady_volumes_per_s": round(encoder_steady, 3),
         "end_to_end_volumes_per_s": round(end_to_end_total, 3),
