@@ -56,6 +56,7 @@ from RaptorExtension.mrml_embed import (  # noqa: E402
     describe_embedding,
     settings_from_choices,
 )
+from RaptorExtension.mrml_batch import BatchLogic  # noqa: E402
 from RaptorExtension.node_attributes import read_embedding  # noqa: E402
 
 POLL_INTERVAL_MSEC = 100
@@ -178,6 +179,11 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.modelCachePathLineEdit.connect("currentPathChanged(QString)", self.onModelCacheChanged)
 
+        # Batch: every matching series of Slicer's DICOM database into one CSV (shares the loaded model).
+        self.batchLogic = BatchLogic(self.logic)
+        self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRunButton)
+        self.ui.batchProgressBar.setVisible(False)
+
         self.ui.progressBar.setVisible(False)
         self.restoreModelCacheFolder()
         self.updateDependencyInformation()
@@ -189,6 +195,8 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel("Slicer is closing")
+        if getattr(self, "batchLogic", None) is not None and self.batchLogic.isRunning():
+            self.batchLogic.cancel()  # finished rows are already on disk; a rerun resumes
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
@@ -300,8 +308,71 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanEmbed()
 
     def onPollTimer(self) -> None:
-        if not self.logic.poll():
+        embedding = self.logic.poll()
+        batch = self.batchLogic.poll()
+        if not (embedding or batch):
             self._pollTimer.stop()
+
+    # -- batch -----------------------------------------------------------------
+
+    def onBatchRunButton(self) -> None:
+        """Run the batch over Slicer's DICOM database, or cancel it (the button turns into Cancel)."""
+        if self.batchLogic.isRunning():
+            self.batchLogic.cancel()
+            self.ui.batchStatusLabel.text = _("Cancelling; finished series stay in the CSV and a rerun resumes...")
+            return
+        csvPath = self.ui.batchOutputPathLineEdit.currentPath
+        if not csvPath:
+            slicer.util.errorDisplay(_("Choose the output CSV file first."))
+            return
+        try:
+            if not dependencies.ensure_dependencies(askConfirmation=True):
+                return
+            settings = self.logic.settingsFromParameterNode(self._parameterNode)
+            modalities = [m for m in self.ui.batchModalitiesLineEdit.text.replace(" ", "").split(",") if m]
+            with slicer.util.WaitCursor():
+                items = self.batchLogic.discoverSlicerDatabase(
+                    modalities, self.ui.batchMinSlicesSpinBox.value, self.ui.batchDescriptionLineEdit.text
+                )
+                self.batchLogic.start(
+                    items,
+                    csvPath,
+                    settings,
+                    anonymizeSalt=self.ui.batchSaltLineEdit.text or None,
+                    progressCallback=self.onBatchProgress,
+                    completionCallback=self.onBatchCompleted,
+                )
+        except RaptorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.batchProgressBar.setVisible(True)
+        self.ui.batchProgressBar.setRange(0, 0)
+        self.ui.batchRunButton.text = _("Cancel batch")
+        self.ui.batchStatusLabel.text = _("{count} series found; starting...").format(count=len(items))
+        self._pollTimer.start()
+
+    def onBatchProgress(self, progress) -> None:
+        if progress.total:
+            self.ui.batchProgressBar.setRange(0, progress.total)
+            self.ui.batchProgressBar.setValue(progress.finished + progress.skipped)
+        eta = progress.eta_seconds
+        self.ui.batchStatusLabel.text = _(
+            "{phase}: {done} done, {skipped} already done, {failed} failed of {total}; {rate:.2f} volumes/s{eta}"
+        ).format(phase=progress.phase, done=progress.done, skipped=progress.skipped, failed=progress.failed,
+                 total=progress.total, rate=progress.volumes_per_second,
+                 eta=(_(", about {m:.0f} min left").format(m=eta / 60) if eta else ""))
+
+    def onBatchCompleted(self, run) -> None:
+        self.ui.batchProgressBar.setVisible(False)
+        self.ui.batchRunButton.text = _("Run batch")
+        if run.error:
+            self.ui.batchStatusLabel.text = _("Batch failed")
+            slicer.util.errorDisplay(run.error)
+        elif run.summary is not None:
+            self.ui.batchStatusLabel.text = _("{status}: {line}. Errors, if any: {errors}").format(
+                status=run.status.capitalize(), line=run.summary.line(), errors=run.summary.errors_csv)
+        else:
+            self.ui.batchStatusLabel.text = _("Batch {status}").format(status=run.status)
 
     def onProgress(self, progress) -> None:
         if progress.total:
