@@ -257,8 +257,11 @@ def prefetch(
 ) -> Iterator[tuple[VolumeRef, Volume | BaseException]]:
     """Load volumes in background threads, in order, at most ``depth`` ahead.
 
-    Reading and decoding (DICOM, gzip) release the GIL, so the next scans are
-    read while the GPU encodes the current one.  Errors are returned, not
+    The next scans are read while the GPU encodes the current one.  Slicer's
+    VTK/ITK readers hold the GIL for much of a read (measured: a Python loop
+    ran at 15-20% speed beside a reading thread), so outside Slicer a long
+    batch should use ``processes`` (:mod:`.loaders`); threads remain the safe
+    choice inside Slicer.  Errors are returned, not
     raised, so one unreadable file does not stop the others.  With
     ``processes`` the reads run in loader processes (:mod:`.loaders`), for
     readers that hold the GIL.
