@@ -37,29 +37,13 @@ class CancelToken(Protocol):
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(slices_done, slices_total)`` for the current volume."""
 
-SliceTokensFn = Callable[..., None]
-"""Called as ``hook(key, plane_index, slice_indices, patch_tokens)`` for every encoded slice group,
-or as ``hook(key, plane_index, slice_indices, patch_tokens, cls_tokens)`` when the hook
-takes a fifth positional parameter.
+SliceTokensFn = Callable[[Any, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Called as ``hook(key, plane_index, slice_indices, patch_tokens, cls_tokens)`` for every encoded slice group.
 
 ``patch_tokens`` is (n, p*p, d) and ``cls_tokens`` (n, d), float32 on the device.
 Used by the explainer, which needs per-slice tokens (the CLS ones too when
 ``keep_cls`` is on); the plain embedding path never keeps them.
 """
-
-
-def _hook_takes_cls(hook) -> bool:
-    """True when ``hook`` accepts the per-slice CLS tokens as a fifth argument."""
-    import inspect
-
-    try:
-        params = list(inspect.signature(hook).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 5
 
 
 @dataclass
@@ -172,9 +156,6 @@ class TriaxialEncoder:
         pp = self.encoder.patch_grid**2
         dev = self.encoder.device
         queue: list[tuple[PlaneSums, int, int, torch.Tensor]] = []  # (state, plane slot, slice index, cube)
-        if slice_hook is not None and not _hook_takes_cls(slice_hook):
-            patch_only_hook = slice_hook
-            slice_hook = lambda key, slot, idx, patch, cls: patch_only_hook(key, slot, idx, patch)  # noqa: E731
         queued = 0
         active: list[PlaneSums] = []
 
