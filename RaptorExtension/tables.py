@@ -7,7 +7,7 @@ float32 exactly, so a CSV row equals the ``.npz`` embedding bit for bit.
 
 Rows are appended with one ``write`` + ``fsync`` each, so a killed job leaves at
 most one torn last line, which :func:`read_table` detects and
-:func:`repair_table` removes before a resumed job appends again.
+:func:`.batchtable.repair_tail` removes before a resumed job appends again.
 """
 
 from __future__ import annotations
@@ -112,12 +112,16 @@ class TableAppender:
         self.header: list[str] | None = None
         self.settings: dict | None = None
         self.ids: set[str] = set()
+        # Streamed, never loaded: a resumed cohort table can be far larger than memory.
+        from .batchtable import index_table, repair_tail
+
+        if self.path.exists():
+            repair_tail(self.path)
         if self.path.exists() and self.path.stat().st_size > 0:
-            repair_table(self.path)
-            table = read_table(self.path)
-            self.header = table.header
-            self.settings = table.settings
-            self.ids = set(table.ids)
+            existing = index_table(self.path)
+            self.header = existing.header
+            self.settings = existing.settings
+            self.ids = set(existing.ids)
 
     def append(self, embedding: Embedding, extra: dict | None = None) -> None:
         if self.settings is not None:
@@ -138,30 +142,6 @@ class TableAppender:
             handle.flush()
             os.fsync(handle.fileno())
         self.ids.add(embedding.id)
-
-
-def repair_table(path: str | Path) -> int:
-    """Drop a torn last line left by a killed writer; returns the number of bytes removed."""
-    path = Path(path)
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        # A complete last line may still be short of columns if killed between writes of one row: check.
-        lines = data.splitlines()
-        if len(lines) >= 2:
-            header = next(csv.reader([lines[0].decode("utf-8")]))
-            last = next(csv.reader([lines[-1].decode("utf-8")]), [])
-            if len(last) != len(header):
-                cut = len(data) - len(lines[-1]) - 1
-                with open(path, "r+b") as handle:
-                    handle.truncate(cut)
-                return len(data) - cut
-        return 0
-    cut = data.rfind(b"\n") + 1
-    with open(path, "r+b") as handle:
-        handle.truncate(cut)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return len(data) - cut
 
 
 @dataclass

@@ -112,3 +112,20 @@ def test_intensity_presets():
     mri = normalize(v, resolve_preset("mri", None)).numpy()
     assert mri[4] == 0 and mri[995] == 1 and 0.49 < mri[500] < 0.51
     np.testing.assert_allclose(normalize(torch.tensor([5.0, 7.0, 9.0]), resolve_preset("minmax", None)).numpy(), [0, 0.5, 1])
+
+
+def test_embed_csv_resume_cuts_a_torn_last_row(tiny_model_dir, tmp_path, capsys):
+    vols = []
+    for i in range(2):
+        p = tmp_path / f"v{i}.npy"
+        np.save(p, np.random.default_rng(i).normal(size=(8, 9, 10)).astype(np.float32))
+        vols.append(str(p))
+    csv_path = tmp_path / "t.csv"
+    assert main(embed_args(tiny_model_dir, vols[0], "--csv", str(csv_path))) == 0
+    whole = csv_path.read_bytes()
+    with open(csv_path, "ab") as handle:  # a job killed while writing v1's row
+        handle.write(b"v1,/somewhere,,1,tiny,abc,8,0,-0.1234")
+    assert main(embed_args(tiny_model_dir, *vols, "--csv", str(csv_path), "--skip-existing")) == 0
+    assert "embedded 1, skipped 1" in capsys.readouterr().out
+    assert csv_path.read_bytes().startswith(whole)
+    assert read_table(csv_path).ids == ["v0", "v1"]
