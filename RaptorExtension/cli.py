@@ -42,9 +42,7 @@ def _window(text: str) -> tuple[float, float]:
 
 def add_embedding_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that makes embeddings (embed, batch, explain)."""
-    from .intensity import PRESETS
-    from .model import DEFAULT_MODEL
-    from .triaxial import PLANES
+    from .names import DEFAULT_MODEL, PLANES, PRESETS
 
     g = parser.add_argument_group("embedding settings (recorded in every embedding)")
     g.add_argument("--model", default=os.environ.get("RAPTOR_MODEL", DEFAULT_MODEL),

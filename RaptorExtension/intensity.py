@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import RaptorError
+from .names import PRESETS
 
-PRESETS = ("auto", "ct", "mri", "minmax", "uint8")
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 MRI_PERCENTILES = (0.5, 99.5)
 

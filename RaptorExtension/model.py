@@ -20,20 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .names import DEFAULT_MODEL, KNOWN_MODELS
 
-DEFAULT_MODEL = "facebook/dinov2-large"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
-KNOWN_MODELS = {
-    "dinov2-s": "facebook/dinov2-small",
-    "dinov2-b": "facebook/dinov2-base",
-    "dinov2-l": "facebook/dinov2-large",
-    "dinov2-g": "facebook/dinov2-giant",
-    "dinov3-s": "facebook/dinov3-vits16-pretrain-lvd1689m",
-    "dinov3-b": "facebook/dinov3-vitb16-pretrain-lvd1689m",
-    "dinov3-l": "facebook/dinov3-vitl16-pretrain-lvd1689m",
-}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

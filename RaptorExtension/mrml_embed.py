@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .embedding import Embedding, check_compatible, describe_differences
 from .errors import Cancelled, InputError, MetadataMismatch, RaptorError
+from .names import KNOWN_MODELS, PRESETS
 from .node_attributes import embedded_nodes, node_label, read_embedding, write_embedding
 
 if TYPE_CHECKING:  # torch is imported only when a job runs (it is installed at first use)
@@ -46,24 +47,14 @@ if TYPE_CHECKING:  # torch is imported only when a job runs (it is installed at 
 
 log = logging.getLogger(__name__)
 
-# Choices offered by the module panel.  Kept here (not imported from model.py /
-# intensity.py, which import torch) so the panel builds before torch is
-# installed; a test checks they match the engine's lists.
-MODEL_IDS = {
-    "dinov2-s": "facebook/dinov2-small",
-    "dinov2-b": "facebook/dinov2-base",
-    "dinov2-l": "facebook/dinov2-large",
-    "dinov2-g": "facebook/dinov2-giant",
-    "dinov3-s": "facebook/dinov3-vits16-pretrain-lvd1689m",
-    "dinov3-b": "facebook/dinov3-vitb16-pretrain-lvd1689m",
-    "dinov3-l": "facebook/dinov3-vitl16-pretrain-lvd1689m",
-}
-"""Short names and hub ids of the panel's models (the engine's ``model.KNOWN_MODELS``, without importing torch)."""
+# Choices offered by the module panel: the engine's own lists, from the torch-free
+# names module, so the panel builds before torch is installed.
+MODEL_IDS = KNOWN_MODELS
 MODEL_CHOICES = tuple(MODEL_IDS)
 OTHER_MODEL_CHOICE = "other"
 """The choice that takes a model folder or any Hugging Face id from a text field."""
 DEFAULT_MODEL_CHOICE = "dinov2-l"
-PRESET_CHOICES = ("auto", "ct", "mri", "minmax", "uint8")
+PRESET_CHOICES = PRESETS
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 TABLE_NODE_NAME = "Raptor embedded volumes"
 TABLE_COLUMNS = (

@@ -26,22 +26,8 @@ from .atomic import atomic_write_text
 from .embedding import SETTINGS_KEYS, Embedding, check_compatible, settings_of
 from .errors import InputError, MetadataMismatch
 
-META_COLUMNS = (
-    "source",
-    "modality",
-    "format_version",
-    "encoder",
-    "weight_sha256",
-    "k",
-    "seed",
-    "projection_sha256",
-    "planes",
-    "grid",
-    "image_size",
-    "preset",
-    "keep_cls",
-    "settings_hash",
-)
+META_COLUMNS = ("source", "modality", "format_version", "encoder", *SETTINGS_KEYS[1:], "settings_hash")
+"""Metadata columns of a table: provenance, the comparable settings (with the encoder's name), their hash."""
 FEATURE_RE = re.compile(r"^e(\d+)$")
 
 

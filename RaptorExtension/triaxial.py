@@ -26,8 +26,8 @@ import torch
 
 from .errors import Cancelled, ModelError
 from .model import Encoder
+from .names import PLANES
 
-PLANES = ("axial", "coronal", "sagittal")
 
 
 class CancelToken(Protocol):
