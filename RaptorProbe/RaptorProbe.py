@@ -313,9 +313,14 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             import dataclasses
 
             settings = dataclasses.replace(settings, model=self._parameterNode.modelOverride)
-        import RaptorEmbed
+        # The Raptor Embed module's own logic: its loaded model is reused (and stays loaded) instead of
+        # reloading a multi-GB model for every volume.
+        embedLogic = slicer.util.getModuleLogic("RaptorEmbed")
+        if embedLogic is None:
+            import RaptorEmbed
 
-        return RaptorEmbed.RaptorEmbedLogic().embed(volumeNode, settings, waitForCompletion=True)
+            embedLogic = RaptorEmbed.RaptorEmbedLogic()
+        return embedLogic.embed(volumeNode, settings, waitForCompletion=True)
 
     # -- explain ---------------------------------------------------------------
 
