@@ -315,8 +315,9 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             settings = dataclasses.replace(settings, model=self._parameterNode.modelOverride)
         # The Raptor Embed module's own logic: its loaded model is reused (and stays loaded) instead of
         # reloading a multi-GB model for every volume.
-        embedLogic = slicer.util.getModuleLogic("RaptorEmbed")
-        if embedLogic is None:
+        try:
+            embedLogic = slicer.util.getModuleLogic("RaptorEmbed")  # creates the module's widget if needed
+        except RuntimeError:
             import RaptorEmbed
 
             embedLogic = RaptorEmbed.RaptorEmbedLogic()
