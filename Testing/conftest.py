@@ -32,7 +32,8 @@ TINY_IMAGE_SIZE = 56  # 4x4 patches of 14 pixels: fast on a CPU, same code path 
 def pytest_configure(config):
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: the tiny test models are far faster without thread overhead, and CI shares its cores.
+    torch.set_num_threads(1)
 
 
 def require(path: Path) -> Path:
