@@ -169,3 +169,19 @@ def test_cancel_stops_before_the_next_batch(tiny_encoder, volume):
     with pytest.raises(Cancelled):
         embedder.embed_volume(volume, progress=progress, cancel=cancel)
     assert seen == [4]
+
+
+def test_dinov3_with_registers_loads_from_a_folder_and_drops_registers(tmp_path, volume):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from RaptorExtension.model import load_encoder
+
+    config = DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=16, image_size=64, num_register_tokens=4)
+    torch.manual_seed(0)
+    DINOv3ViTModel(config).save_pretrained(tmp_path / "dinov3")
+    enc = load_encoder(str(tmp_path / "dinov3"), device="cpu", image_size=64)
+    assert (enc.model_type, enc.patch_size, enc.patch_grid, enc.num_prefix_tokens) == ("dinov3_vit", 16, 4, 5)
+    e = Embedder(EmbedSettings(model=enc.name, k=8, grid=12), encoder=enc).embed_volume(volume)
+    assert e.patch_block.shape == (3, 8, 4, 4) and e.metadata["encoder_type"] == "dinov3_vit"
+    assert np.isfinite(e.vector).all()
