@@ -17,17 +17,6 @@ from RaptorExtension.resample import cube_geometry
 from RaptorExtension.volume import Volume
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core machine two spinning threads are ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def embedder_for(tiny_model_dir, tiny_encoder, **settings) -> Embedder:
     base = dict(model=str(tiny_model_dir), k=8, grid=16, preset="minmax")
     base.update(settings)

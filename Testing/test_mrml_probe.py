@@ -14,16 +14,6 @@ from RaptorExtension.readers import matrix_to_numpy, numpy_to_matrix, volume_fro
 from test_explain import blob_volume, random_probe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def scene():
     import slicer

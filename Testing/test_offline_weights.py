@@ -40,9 +40,6 @@ def onnx_path() -> pathlib.Path:
 @pytest.fixture(scope="module")
 def built(onnx_path, tmp_path_factory) -> dict:
     """Build once into a throw-away cache (via $RAPTOR_CACHE_DIR) for this module."""
-    import torch
-
-    torch.set_num_threads(1)
     cache = tmp_path_factory.mktemp("raptor_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAPTOR_CACHE_DIR", str(cache))
@@ -54,10 +51,8 @@ def built(onnx_path, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_model(built):
-    import torch
     from transformers import Dinov2Model
 
-    torch.set_num_threads(1)
     return Dinov2Model.from_pretrained(str(built["folder"])).eval()
 
 

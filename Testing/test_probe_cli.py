@@ -16,17 +16,6 @@ from test_explain import blob_volume
 SPLIT_SIZES = {"train": 20, "val": 8, "test": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core machine two spinning threads are ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, tiny_model_dir):
     """A MedMNIST-style .npz of blob / no-blob volumes, embedded with `raptor embed`, and its labels."""
