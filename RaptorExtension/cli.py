@@ -101,7 +101,6 @@ def _add_embed(sub) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .embedding import Embedding, settings_of
     from .model import model_summary
     from .pipeline import Embedder
     from .progress import Progress
@@ -172,14 +171,12 @@ def run_embed(args: argparse.Namespace) -> int:
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
     """True when every requested output of this volume exists with this run's settings."""
     from .embedding import Embedding, describe_differences, settings_of
-
     from .intensity import resolve_preset
 
     s = embedder.settings
     # With --preset auto the preset depends on each volume's modality; otherwise it is fixed and must match.
     preset = "" if s.preset == "auto" else resolve_preset(s.preset, None, s.ct_window).describe()
     expected = settings_of(embedder.settings_metadata(preset=preset))
-    ok = True
     if out_dir is not None:
         path = out_dir / f"{ref.id}.npz"
         if not path.exists():
@@ -195,9 +192,7 @@ def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
             raise RaptorError(
                 f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
             )
-    if table is not None:
-        ok = ok and ref.id in table.ids
-    return ok
+    return table is None or ref.id in table.ids
 
 
 # ---------------------------------------------------------------------------

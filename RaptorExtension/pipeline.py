@@ -72,7 +72,6 @@ class PreparedVolume:
     cube: torch.Tensor
     cube_to_ras: np.ndarray | None
     preset: IntensityPreset
-    seconds_prepare: float
 
 
 class Embedder:
@@ -134,7 +133,6 @@ class Embedder:
     # ------------------------------------------------------------------
     def prepare(self, volume: Volume) -> PreparedVolume:
         """Intensity preset then isotropic resampling, on the encoder's device."""
-        start = time.perf_counter()
         validate_volume(volume)
         s = self.settings
         preset = resolve_preset(s.preset, volume.modality, s.ct_window)
@@ -144,7 +142,7 @@ class Embedder:
             cube, cube_to_ras = data, None
         else:
             cube, cube_to_ras = resample_to_cube(data, volume.ijk_to_ras, int(s.grid))
-        return PreparedVolume(volume, cube, cube_to_ras, preset, time.perf_counter() - start)
+        return PreparedVolume(volume, cube, cube_to_ras, preset)
 
     def finish(self, prepared: PreparedVolume, result: TriaxialResult, seconds: float) -> Embedding:
         """Project the plane means and attach the metadata."""

@@ -227,7 +227,7 @@ def _check_declared_shape(path: Path) -> None:
     if shape is None:
         return
     spatial = [s for s in shape if s > 1]
-    if len(shape) <= 2 or len(spatial) == 2 and len(shape) == 3 and 1 in shape:
+    if len(shape) <= 2 or (len(shape) == 3 and len(spatial) == 2 and 1 in shape):
         raise InputError(f"{path}: is a 2D image {shape}; Raptor needs a 3D volume")
     if len(spatial) >= 4:
         raise InputError(f"{path}: is a 4D series {shape}; Raptor embeds one 3D volume at a time")
@@ -406,9 +406,8 @@ def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
         raise InputError(f"{path}: is a Raptor embedding, not a volume")
     splits = [s for s in MEDMNIST_SPLITS if f"{s}_images" in keys]
     if not splits:
-        arrays = [k for k in keys]
-        if len(arrays) == 1:
-            return [_plain_npz_ref(path, arrays[0])]
+        if len(keys) == 1:
+            return [_plain_npz_ref(path, keys[0])]
         raise InputError(f"{path}: .npz has no {{train,val,test}}_images arrays (keys: {', '.join(keys)})")
     wanted_split, wanted_index = None, None
     if selector:
@@ -421,7 +420,7 @@ def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
     for split in splits:
         if wanted_split and split != wanted_split:
             continue
-        with np.load(path, allow_pickle=False, mmap_mode=None) as data:
+        with np.load(path, allow_pickle=False) as data:
             count = int(data[f"{split}_images"].shape[0])
         indices = range(count)
         if wanted_index is not None:
@@ -458,7 +457,7 @@ def _plain_npz_ref(path: Path, key: str) -> VolumeRef:
 def read_npy(path: Path) -> Volume:
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
+    except ValueError:
         raise InputError(f"{path}: .npy holds Python objects, which Raptor never unpickles") from None
     except Exception as exc:
         raise InputError(f"{path}: not a readable .npy file ({type(exc).__name__})") from None

@@ -18,7 +18,7 @@ This is the hot loop.  Its design choices:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,9 +33,6 @@ from .names import PLANES
 class CancelToken(Protocol):
     def is_set(self) -> bool: ...
 
-
-ProgressFn = Callable[[int, int], None]
-"""Called as ``progress(slices_done, slices_total)`` for the current volume."""
 
 SliceTokensFn = Callable[[Any, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Called as ``hook(key, plane_index, slice_indices, patch_tokens, cls_tokens)`` for every encoded slice group.
@@ -59,7 +56,6 @@ class PlaneSums:
     pending: int = 0  # slices queued but not yet encoded
     total: int = 0
     finished_queueing: bool = False
-    info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -68,7 +64,6 @@ class TriaxialResult:
     patch_mean: torch.Tensor  # (planes, p*p, d) float64
     cls_mean: torch.Tensor  # (planes, d) float64
     slice_counts: list[int]
-    info: dict
 
 
 class TriaxialEncoder:
@@ -155,7 +150,7 @@ class TriaxialEncoder:
         d = self.encoder.hidden_size
         pp = self.encoder.patch_grid**2
         dev = self.encoder.device
-        queue: list[tuple[PlaneSums, int, int, torch.Tensor]] = []  # (state, plane slot, slice index, cube)
+        queue: list[tuple[PlaneSums, int, int, torch.Tensor, int]] = []  # (state, plane slot, first slice, cube, count)
         queued = 0
         active: list[PlaneSums] = []
 
@@ -204,7 +199,6 @@ class TriaxialEncoder:
                         patch_mean=state.patches / counts.view(-1, 1, 1),
                         cls_mean=state.cls / counts.view(-1, 1),
                         slice_counts=state.slice_counts,
-                        info=state.info,
                     )
                 else:
                     still.append(state)
@@ -250,7 +244,7 @@ class TriaxialEncoder:
             return [(0, n_slices)]
         values = lo.cpu().numpy()
         const_idx = np.flatnonzero(constant)
-        tokens = self._constant_tokens([float(values[i]) for i in const_idx], None)
+        tokens = self._constant_tokens([float(values[i]) for i in const_idx], cancel)
         for i, (cls, patch) in zip(const_idx, tokens):
             state.patches[slot] += patch.to(torch.float64)
             state.cls[slot] += cls.to(torch.float64)

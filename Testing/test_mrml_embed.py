@@ -10,10 +10,8 @@ equals the engine's own CSV for the same volume; mixed settings are refused.
 from __future__ import annotations
 
 import csv
-import io
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path

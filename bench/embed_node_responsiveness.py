@@ -71,14 +71,13 @@ def main() -> int:
     parser.add_argument("--tick-ms", type=float, default=10.0)
     args = parser.parse_args()
 
-    import numpy as np
     import slicer
     import torch
 
     torch.set_num_threads(args.threads)
     from RaptorExtension.mrml_embed import EmbedLogic, node_provenance
     from RaptorExtension.node_attributes import EMBEDDING_ATTRIBUTE, METADATA_ATTRIBUTE, read_embedding
-    from RaptorExtension.pipeline import EmbedSettings, Embedder
+    from RaptorExtension.pipeline import EmbedSettings
     from RaptorExtension.readers import volume_from_node
 
     if args.model == "imgfocus":
