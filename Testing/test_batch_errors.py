@@ -121,19 +121,11 @@ def test_anonymize_can_keep_descriptions_with_the_patient_masked(tiny_model_dir,
     "extra, message",
     [
         (["--salt", "x" * 16], "--salt is only used with --anonymize"),
-        (["--parquet", "x.parquet"], "needs the pyarrow package"),
         (["--shard", "3/3"], "shards are numbered 0..N-1"),
         (["--series-description", "(oops"], "not a valid regular expression"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys, extra, message):
-    if "--parquet" in extra:
-        try:
-            import pyarrow  # noqa: F401
-
-            pytest.skip("pyarrow is installed here")
-        except ImportError:
-            pass
     code = main(["batch", "--folder", str(tmp_path), "--csv", str(tmp_path / "o.csv"), *extra, *tiny_cli_args(tiny_model_dir)])
     err = capsys.readouterr().err
     assert code == 1 and message in err and err.count("\n") == 1
