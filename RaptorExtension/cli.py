@@ -25,6 +25,16 @@ from .errors import Cancelled, RaptorError
 SUBCOMMAND_MODULES = (".cli_probe", ".cli_batch")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -96,6 +106,10 @@ def _add_embed(sub) -> None:
     p.add_argument("--continue-on-error", action="store_true", help="log failing volumes to the errors file and go on")
     p.add_argument("--errors", default=None, help="errors CSV (default OUT_DIR/raptor_errors.csv or next to --csv)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--readers", type=_non_negative_int, default=2,
+                   help="volumes read ahead while the encoder works (0: read in turn; default 2)")
+    p.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"),
+                   help="how read-ahead runs (default: processes for several inputs outside Slicer, else threads)")
     add_embedding_options(p)
     p.set_defaults(func=run_embed)
 
@@ -104,6 +118,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from .model import model_summary
     from .pipeline import Embedder
     from .progress import Progress
+    from .batch import resolve_loader
     from .readers import expand_input
     from .tables import TableAppender
     from .errorlog import ErrorLog
@@ -144,7 +159,10 @@ def run_embed(args: argparse.Namespace) -> int:
     progress = Progress(total_volumes=len(todo), enabled=not args.quiet)
     done = failed = 0
     try:
-        for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices):
+        # Slicer's readers hold the GIL, so for several inputs read-ahead runs in processes.
+        loader = "threads" if args.loader == "auto" and len(todo) < 2 else resolve_loader(args.loader, args.readers)
+        for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices, readers=args.readers,
+                                                         loader=loader):
             if error is not None:
                 failed += 1
                 errors.add(ref.id, ref.source, error)

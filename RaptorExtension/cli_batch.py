@@ -20,13 +20,6 @@ import time
 from .errors import RaptorError
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
-
-
 def default_readers() -> int:
     """Loader processes: most of the cores, leaving some to the process that feeds the GPU."""
     return max(1, min(8, (os.cpu_count() or 2) - 2))
@@ -34,7 +27,7 @@ def default_readers() -> int:
 
 def add_parser(sub) -> None:
     from .anonymize import SALT_ENV
-    from .cli import add_embedding_options
+    from .cli import _non_negative_int, add_embedding_options
 
     p = sub.add_parser(
         "batch",

@@ -429,29 +429,39 @@ def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
             indices = [wanted_index]
         for i in indices:
             vid = f"{split}_{i}"
-
-            def load(split=split, i=i, vid=vid) -> Volume:
-                images = _npz_split(str(path), f"{split}_images", mtime)
-                array = np.asarray(images[i])
-                if array.ndim == 4 and array.shape[-1] == 1:
-                    array = array[..., 0]
-                return Volume(array=array, ijk_to_ras=np.eye(4), id=vid, source=f"{path}#{vid}", has_geometry=False)
-
+            load = functools.partial(_load_medmnist_volume, str(path), split, i, mtime)
             refs.append(VolumeRef(id=vid, source=f"{path}#{vid}", loader=load))
     return refs
 
 
-def _plain_npz_ref(path: Path, key: str) -> VolumeRef:
-    def load() -> Volume:
-        return Volume(
-            array=_npz_split(str(path), key, path.stat().st_mtime),
-            ijk_to_ras=np.eye(4),
-            id=volume_id_from_path(path),
-            source=str(path),
-            has_geometry=False,
-        )
+# The loaders below are module-level functions bound with functools.partial, never closures, so a
+# VolumeRef pickles and `raptor embed` can read in loader processes (see loaders.py).
 
-    return VolumeRef(id=volume_id_from_path(path), source=str(path), loader=load)
+
+def _load_medmnist_volume(path: str, split: str, i: int, mtime: float) -> Volume:
+    array = np.asarray(_npz_split(path, f"{split}_images", mtime)[i])
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    vid = f"{split}_{i}"
+    return Volume(array=array, ijk_to_ras=np.eye(4), id=vid, source=f"{path}#{vid}", has_geometry=False)
+
+
+def _load_plain_npz(path: Path, key: str) -> Volume:
+    return Volume(
+        array=_npz_split(str(path), key, path.stat().st_mtime),
+        ijk_to_ras=np.eye(4),
+        id=volume_id_from_path(path),
+        source=str(path),
+        has_geometry=False,
+    )
+
+
+def _plain_npz_ref(path: Path, key: str) -> VolumeRef:
+    return VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(_load_plain_npz, path, key))
+
+
+def _load_dicom_folder(folder: Path) -> Volume:
+    return read_dicom_series(dicom_folder_series(folder), str(folder), id=volume_id_from_path(folder))
 
 
 def read_npy(path: Path) -> Volume:
@@ -490,23 +500,17 @@ def expand_input(spec: str) -> list[VolumeRef]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        def load_folder(path=path) -> Volume:
-            return read_dicom_series(dicom_folder_series(path), str(path), id=volume_id_from_path(path))
-
-        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=load_folder)]
+        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(_load_dicom_folder, path))]
     name = path.name.lower()
     if name.endswith(".npz"):
         return medmnist_refs(path, selector)
     if name.endswith(".npy"):
-        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=lambda: read_npy(path))]
+        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(read_npy, path))]
     if name.endswith(SLICER_VOLUME_SUFFIXES):
-        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=lambda: read_slicer_file(path))]
+        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(read_slicer_file, path))]
     if name.endswith(".dcm") or _is_dicom_file(path):
-        def load_dicom(path=path) -> Volume:
-            series = dicom_folder_series(path.parent)
-            return read_dicom_series(series, str(path.parent), id=volume_id_from_path(path.parent))
-
-        return [VolumeRef(id=volume_id_from_path(path.parent), source=str(path.parent), loader=load_dicom)]
+        folder = path.parent
+        return [VolumeRef(id=volume_id_from_path(folder), source=str(folder), loader=functools.partial(_load_dicom_folder, folder))]
     raise InputError(
         f"{path}: unsupported file type (use NRRD, NIfTI, MetaImage, a DICOM series folder, .npz or .npy)"
     )

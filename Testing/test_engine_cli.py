@@ -129,3 +129,42 @@ def test_embed_csv_resume_cuts_a_torn_last_row(tiny_model_dir, tmp_path, capsys)
     assert "embedded 1, skipped 1" in capsys.readouterr().out
     assert csv_path.read_bytes().startswith(whole)
     assert read_table(csv_path).ids == ["v0", "v1"]
+
+
+def test_every_input_kind_pickles_for_loader_processes(tmp_path, dicom_series):
+    """`raptor embed` reads ahead in processes only if every VolumeRef pickles (no closures)."""
+    import pickle
+
+    from RaptorExtension.readers import expand_input
+
+    np.save(tmp_path / "v.npy", np.arange(64, dtype=np.float32).reshape(4, 4, 4))
+    np.savez(tmp_path / "plain.npz", volume=np.ones((4, 4, 4), np.float32))
+    np.savez(tmp_path / "mnist.npz", test_images=np.arange(128, dtype=np.uint8).reshape(2, 4, 4, 4), test_labels=np.zeros((2, 1)))
+    specs = [str(SAMPLE_CT), str(tmp_path / "v.npy"), str(tmp_path / "plain.npz"), f"{tmp_path / 'mnist.npz'}#test_1",
+             str(dicom_series), str(sorted(dicom_series.iterdir())[0])]
+    for spec in specs:
+        for ref in expand_input(spec):
+            clone = pickle.loads(pickle.dumps(ref))
+            assert (clone.id, clone.source) == (ref.id, ref.source)
+    medmnist = pickle.loads(pickle.dumps(expand_input(f"{tmp_path / 'mnist.npz'}#test_1")[0])).load()
+    assert medmnist.id == "test_1" and medmnist.array.shape == (4, 4, 4)
+
+
+def test_process_read_ahead_gives_the_same_bits_as_threads(tiny_model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    inputs = []
+    for i in range(3):
+        np.save(tmp_path / f"vol{i}.npy", rng.random((6, 7, 5)).astype(np.float32))
+        inputs.append(str(tmp_path / f"vol{i}.npy"))
+    np.save(tmp_path / "bad.npy", np.zeros((4, 4), np.float32))  # a 2D image fails in its loader process
+    inputs.insert(1, str(tmp_path / "bad.npy"))
+    tables = {}
+    for loader in ("threads", "processes"):
+        csv_path = tmp_path / f"{loader}.csv"
+        code = main(embed_args(tiny_model_dir, *inputs, "--csv", str(csv_path), "--loader", loader, "--readers", "2",
+                               "--continue-on-error"))
+        err = capsys.readouterr().err
+        assert code == 1 and "bad.npy" in err
+        tables[loader] = read_table(csv_path)
+    assert tables["threads"].ids == tables["processes"].ids == ["vol0", "vol1", "vol2"]
+    assert np.array_equal(tables["threads"].features, tables["processes"].features)
