@@ -291,8 +291,33 @@ def random_dinov2(
     return model.eval()
 
 
-DINOV2_L_SHAPE = dict(hidden_size=1024, layers=24, heads=16)
-DINOV2_S_SHAPE = dict(hidden_size=384, layers=12, heads=6)
+DINOV2_SHAPES = {
+    "S": dict(hidden_size=384, layers=12, heads=6),
+    "B": dict(hidden_size=768, layers=12, heads=12),
+    "L": dict(hidden_size=1024, layers=24, heads=16),
+    "G": dict(hidden_size=1536, layers=40, heads=24),  # the real G has a SwiGLU MLP; close enough for speed
+}
+"""Transformer shapes of the DINOv2 sizes, for random-init stand-ins (speed does not depend on weights)."""
+
+
+def save_random_dinov2(folder: str | Path, arch: str = "L", *, seed: int = 0) -> Path:
+    """Write a random-init DINOv2 of a real size as a model folder any command can load with ``--model``.
+
+    For speed benchmarks on machines that cannot reach the model hub: the
+    folder loads through the same path as a downloaded model (config, weights,
+    preprocessor with ImageNet mean/std at 224 px).
+    """
+    folder = Path(folder)
+    model = random_dinov2(**DINOV2_SHAPES[arch], image_size=224, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }))
+    return folder
 
 
 def model_summary(encoder: Encoder) -> str:

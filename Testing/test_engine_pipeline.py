@@ -185,3 +185,16 @@ def test_dinov3_with_registers_loads_from_a_folder_and_drops_registers(tmp_path,
     e = Embedder(EmbedSettings(model=enc.name, k=8, grid=12), encoder=enc).embed_volume(volume)
     assert e.patch_block.shape == (3, 8, 4, 4) and e.metadata["encoder_type"] == "dinov3_vit"
     assert np.isfinite(e.vector).all()
+
+
+def test_random_stand_in_of_a_real_size_loads_like_a_downloaded_model(tmp_path):
+    """`bench/batch_pipeline.py --arch L` on a GPU with no hub: the folder must load as DINOv2 at 224 px."""
+    from RaptorExtension.model import DINOV2_SHAPES, load_encoder, save_random_dinov2
+
+    folder = save_random_dinov2(tmp_path / "random-s", "S")
+    encoder = load_encoder(str(folder), device="cpu")
+    assert (encoder.hidden_size, encoder.patch_size, encoder.image_size, encoder.patch_grid) == (384, 14, 224, 16)
+    assert sum(p.numel() for p in encoder.model.parameters()) > 20_000_000  # ViT-S/14 has about 22M
+    assert encoder.model.config.num_hidden_layers == DINOV2_SHAPES["S"]["layers"]
+    cls, patch = encoder.tokens(torch.rand(1, 20, 20))
+    assert cls.shape == (1, 384) and patch.shape == (1, 256, 384)

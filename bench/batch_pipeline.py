@@ -17,8 +17,9 @@ and the first batch's warm-up); the target on one H100 is an end-to-end
 steady rate of at least 90% of the encoder-only one.
 
     python bench/batch_pipeline.py                                     # CPU, tiny random model (a smoke run)
-    python bench/batch_pipeline.py --model facebook/dinov2-large --grid 256 --device cuda \\
+    python bench/batch_pipeline.py --arch L --grid 256 --device cuda \\
         --series 24 --readers 8                                         # the real measurement, on a GPU
+                                                                        # (--model facebook/dinov2-large: same speed)
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=96, help="slices per series (of 134)")
     parser.add_argument("--step", type=int, default=1, help="in-plane subsampling (1 keeps 512 x 512)")
     parser.add_argument("--model", default=None, help="model id or folder (default: a tiny random DINOv2, offline)")
+    parser.add_argument("--arch", default=None, choices=("S", "B", "L", "G"),
+                        help="instead of --model: a random-init DINOv2 of this size (no hub needed; speed does not depend on weights)")
     parser.add_argument("--grid", type=int, default=64)
     parser.add_argument("--k", type=int, default=None, help="K (default 100, or 16 for the tiny model)")
     parser.add_argument("--device", default="auto")
@@ -98,11 +101,15 @@ def main() -> None:
         write_series(cohort, args.series, args.slices, args.step)
         print(f"wrote {args.series} series in {time.perf_counter() - t:.1f}s to {cohort}", file=sys.stderr)
     model = args.model
-    if model is None:
+    if args.arch:
+        from RaptorExtension.model import save_random_dinov2
+
+        model = str(save_random_dinov2(work / f"random-dinov2-{args.arch}", args.arch))
+    elif model is None:
         from conftest import make_tiny_model_dir
 
         model = str(make_tiny_model_dir(work / "tiny-model"))
-    k = args.k or (100 if args.model else 16)
+    k = args.k or (100 if args.model or args.arch else 16)
     settings = EmbedSettings(model=model, k=k, grid=args.grid, device=args.device, batch_size=args.batch_size)
     embedder = Embedder(settings)
     print(model_summary(embedder.encoder), file=sys.stderr)
@@ -145,7 +152,7 @@ def main() -> None:
     end_to_end_steady = steady_rate(done_stamps)
     result = {
         "device": str(embedder.encoder.device) + (f" ({torch.cuda.get_device_name()})" if embedder.encoder.device.type == "cuda" else f" ({os.cpu_count()} cores)"),
-        "model": model if args.model else "tiny random DINOv2 (d=32, 56px)",
+        "model": model if args.model else (f"random-init DINOv2-{args.arch}" if args.arch else "tiny random DINOv2 (d=32, 56px)"),
         "grid": args.grid,
         "series": args.series,
         "voxels_per_series": int(voxels),

@@ -26,17 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RaptorExtension.model import encoder_from_model, random_dinov2  # noqa: E402
+from RaptorExtension.model import DINOV2_SHAPES, encoder_from_model, random_dinov2  # noqa: E402
 from RaptorExtension.pipeline import Embedder, EmbedSettings  # noqa: E402
 from RaptorExtension.readers import VolumeRef, read_volume  # noqa: E402
 from RaptorExtension.volume import Volume  # noqa: E402
 
-ARCHS = {
-    "S": dict(hidden_size=384, layers=12, heads=6),
-    "B": dict(hidden_size=768, layers=12, heads=12),
-    "L": dict(hidden_size=1024, layers=24, heads=16),
-    "G": dict(hidden_size=1536, layers=40, heads=24),
-}
+ARCHS = DINOV2_SHAPES
 SHARED_CT = ROOT.parent / "shared" / "data" / "dicom" / "pancreatic-ct-cbct-seg"
 
 
