@@ -3,7 +3,7 @@
 Subcommands live in small modules that each provide ``add_parser(subparsers)``
 (which sets ``func``) so the command line grows without one giant file:
 ``embed`` and ``info`` here, ``probe`` and ``explain`` in :mod:`.cli_probe`,
-``batch`` and ``merge`` in :mod:`.cli_batch`.
+``batch`` and ``merge`` in :mod:`.cli_batch`, ``models`` in :mod:`.cli_models`.
 
 Every user-facing failure prints one line ``raptor: error: ...`` and exits
 non-zero; there are no tracebacks for bad input.
@@ -22,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .errors import Cancelled, RaptorError
 
-SUBCOMMAND_MODULES = (".cli_probe", ".cli_batch")
+SUBCOMMAND_MODULES = (".cli_probe", ".cli_batch", ".cli_models")
 
 
 def _non_negative_int(text: str) -> int:

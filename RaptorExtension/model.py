@@ -250,7 +250,8 @@ def _explain_load_failure(name: str, is_local: bool, error: Exception | None) ->
         return f"model '{name}' was not found on the Hugging Face hub (check the id, or pass --model PATH to a local folder)"
     return (
         f"model '{name}' is not in the local cache and the Hugging Face hub could not be reached "
-        f"(or the id does not exist); connect once to download it, or pass --model PATH to a local model folder"
+        f"(or the id does not exist); download it once where the hub is reachable (`raptor models download {name}`), "
+        f"or pass --model PATH to a local model folder"
     )
 
 
