@@ -337,12 +337,62 @@ def _mixed_geometry_reason(ordered: list[tuple[Path, object]]) -> str:
     return ""
 
 
+PIXEL_DATA_TAG = 0x7FE00010
+
+
+def pixel_data_problem(path: str) -> str | None:
+    """Why a DICOM file's uncompressed pixel data is incomplete, or None if it is whole.
+
+    Why: Slicer's reader fills a slice whose pixel data is cut short (a copy
+    interrupted mid-file, a partial download) without a word, and that slice
+    would silently change the embedding.  The check reads the header only: the
+    pixel data element's declared length and where its value starts are
+    compared with the file size and with Rows x Columns x samples x bytes x
+    frames.  Compressed (encapsulated) pixel data is left to the decoder.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except Exception:  # pydicom raises many types; what it cannot parse is left to Slicer's reader to judge
+        return None
+    try:
+        element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    except TypeError:  # pydicom < 3 has no keep_deferred; it then reads the value
+        element = ds.get_item(PIXEL_DATA_TAG)
+    if element is None:
+        return "holds no pixel data"
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    length = getattr(element, "length", None)
+    if (syntax is not None and syntax.is_encapsulated) or length is None or length == 0xFFFFFFFF:
+        return None
+    tell = getattr(element, "value_tell", None)
+    available = os.path.getsize(path) - tell if tell is not None else length
+    value = getattr(element, "value", None)
+    if value is not None:
+        available = min(available, len(value))
+    if available < length:
+        return f"is truncated: its pixel data has {max(available, 0)} of {length} bytes"
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits >= 8:
+        expected = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * (bits // 8) * int(ds.get("NumberOfFrames", 1) or 1))
+        if length < expected:
+            return f"has {length} bytes of pixel data where {ds.Rows}x{ds.Columns} at {bits} bits needs {expected}"
+    return None
+
+
 def read_dicom_series(series: DicomSeries, source: str, id: str | None = None) -> Volume:
     """Read one DICOM series with Slicer's reader, slices added in order."""
     if series.info.get("mixed_geometry"):
         raise InputError(f"{source}: DICOM series has mixed geometry ({series.info['mixed_geometry']})")
     if len(series.files) < 2:
         raise InputError(f"{source}: DICOM series has a single slice, a 2D image; Raptor needs a 3D volume")
+    for file in series.files:
+        problem = pixel_data_problem(file)
+        if problem:
+            raise InputError(f"{source}: DICOM file {Path(file).name} {problem}")
     array, ijk_to_ras = _read_with_storage_node(series.files, source)
     if array.shape[0] != len(series.files):
         raise InputError(

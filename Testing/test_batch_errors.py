@@ -27,6 +27,8 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
     good = write_cohort(root, 3)
     garbage = write_axial(small_ct(3), root / "bad" / "garbage", description="corrupt slice")
     _corrupt(garbage.files[5])
+    cut = write_axial(small_ct(6), root / "bad" / "cut", description="truncated copy")
+    cut.files[7].write_bytes(cut.files[7].read_bytes()[:-200])
     localizer = write_axial(subsample(small_ct(4), 1, 1, slices=1), root / "bad" / "localizer", description="localizer")
     mixed = write_axial(small_ct(5), root / "bad" / "mixed", description="mixed")
     write_axial(subsample(small_ct(5), 1, 2, slices=2), root / "bad" / "mixed_small", series_uid=mixed.series_uid,
@@ -37,24 +39,25 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
     code = main([*args, "--readers", "2", "--loader", "processes"])
     captured = capsys.readouterr()
     assert code == 1
-    assert "embedded 3, skipped 0 already done, failed 4" in captured.out
-    assert "4 series failed, listed with the reason in" in captured.err
+    assert "embedded 3, skipped 0 already done, failed 5" in captured.out
+    assert "5 series failed, listed with the reason in" in captured.err
     assert sorted(read_table(out).ids) == sorted(w.series_uid for w in good)
     with open(tmp_path / "out" / "cohort_errors.csv", newline="") as handle:
         errors = {row["id"]: row for row in csv.DictReader(handle)}
-    assert len(errors) == 4
+    assert len(errors) == 5
     assert "Slicer could not read it as a volume" in errors[garbage.series_uid]["reason"]
+    assert f"DICOM file {cut.files[7].name} is truncated" in errors[cut.series_uid]["reason"]
     assert "single slice, a 2D image" in errors[localizer.series_uid]["reason"]
     assert "mixed geometry" in errors[mixed.series_uid]["reason"]
     nifti = next(row for row in errors.values() if row["source"].endswith("broken.nii.gz"))
     assert nifti["id"] == "broken" and "broken.nii.gz" in nifti["reason"]
     assert all("\n" not in row["reason"] for row in errors.values())
     record = json.loads((tmp_path / "out" / "cohort.batch.json").read_text())
-    assert record["status"] == "complete" and record["counts"]["failed"] == 4
+    assert record["status"] == "complete" and record["counts"]["failed"] == 5
 
     # A rerun retries the failures (they may have been fixed) and skips what is done.
     assert main([*args, "--readers", "0", "-q"]) == 1
-    assert "embedded 0, skipped 3 already done, failed 4" in capsys.readouterr().out
+    assert "embedded 0, skipped 3 already done, failed 5" in capsys.readouterr().out
 
 
 PATIENT = "RPT-PAT-0042"

@@ -199,3 +199,34 @@ def test_single_dicom_slice_is_a_2d_image(tmp_path, dicom_series):
     shutil.copy(sorted(dicom_series.glob("*.dcm"))[0], folder / "a.dcm")
     with pytest.raises(InputError, match="single slice, a 2D image"):
         read_volume(str(folder))
+
+
+def test_a_truncated_dicom_slice_is_refused_not_silently_filled(tmp_path, dicom_series, tiny_model_dir, capsys):
+    """Slicer's reader fills a slice whose pixel data is cut short without a word; Raptor refuses it."""
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    files = sorted(dicom_series.glob("*.dcm"))[:4]
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    assert read_volume(str(folder)).array.shape == (4, 512, 512)  # whole, it reads
+    victim = folder / files[2].name
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    out = tmp_path / "out"
+    code = main(["embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--grid", "16", "--k", "8", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"raptor: failed: {folder}: DICOM file {victim.name} is truncated: its pixel data has 523288 of 524288 bytes\n" in err
+    assert not out.exists() or not list(out.glob("*.npz"))
+
+
+def test_pixel_data_shorter_than_the_image_is_refused(tmp_path, dicom_series):
+    folder = tmp_path / "short"
+    folder.mkdir()
+    files = sorted(dicom_series.glob("*.dcm"))[:3]
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    ds = pydicom.dcmread(str(folder / files[1].name))
+    ds.PixelData = ds.PixelData[: 512 * 256 * 2]  # a consistent file holding half an image
+    ds.save_as(str(folder / files[1].name))
+    with pytest.raises(InputError, match=r"has 262144 bytes of pixel data where 512x512 at 16 bits needs 524288"):
+        read_volume(str(folder))
