@@ -198,3 +198,24 @@ def test_random_stand_in_of_a_real_size_loads_like_a_downloaded_model(tmp_path):
     assert encoder.model.config.num_hidden_layers == DINOV2_SHAPES["S"]["layers"]
     cls, patch = encoder.tokens(torch.rand(1, 20, 20))
     assert cls.shape == (1, 384) and patch.shape == (1, 256, 384)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_path_runs_and_stays_close_to_float32(tiny_model_dir, volume, dtype):
+    """The GPU runs the model in bf16 (fp16 where bf16 is missing); the same code path, exercised on the CPU.
+
+    Inputs are normalized in float32 and cast, tokens come back as float32 and are summed in float64,
+    so the embedding stays within half-precision rounding of the float32 one and metadata is unchanged.
+    """
+    from RaptorExtension.model import load_encoder
+
+    settings = EmbedSettings(model=str(tiny_model_dir), k=8, grid=16, batch_size=9)
+    full = Embedder(settings, encoder=load_encoder(str(tiny_model_dir), device="cpu")).embed_volume(volume)
+    half_encoder = load_encoder(str(tiny_model_dir), device="cpu", dtype=dtype)
+    assert next(half_encoder.model.parameters()).dtype == dtype
+    half = Embedder(settings, encoder=half_encoder).embed_volume(volume)
+    assert half.vector.dtype == np.float32 and np.isfinite(half.vector).all()
+    scale = np.abs(full.vector).max()
+    assert np.abs(half.vector - full.vector).max() < 0.05 * scale
+    assert np.corrcoef(half.vector, full.vector)[0, 1] > 0.999
+    assert half.metadata["weight_sha256"] == full.metadata["weight_sha256"]  # hashed before the cast
