@@ -383,11 +383,26 @@ def pixel_data_problem(path: str) -> str | None:
     return None
 
 
+def _frame_count(path: str) -> int:
+    import pydicom
+
+    try:
+        return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+    except Exception:  # unreadable or odd value: treat as one frame; the caller's message still applies
+        return 1
+
+
 def read_dicom_series(series: DicomSeries, source: str, id: str | None = None) -> Volume:
     """Read one DICOM series with Slicer's reader, slices added in order."""
     if series.info.get("mixed_geometry"):
         raise InputError(f"{source}: DICOM series has mixed geometry ({series.info['mixed_geometry']})")
     if len(series.files) < 2:
+        frames = _frame_count(series.files[0]) if series.files else 1
+        if frames > 1:
+            raise InputError(
+                f"{source}: DICOM series is one multi-frame file ({frames} frames, e.g. enhanced CT/MR); Raptor reads "
+                "series stored one slice per file: convert it to NIfTI (e.g. with dcm2niix) and embed that file"
+            )
         raise InputError(f"{source}: DICOM series has a single slice, a 2D image; Raptor needs a 3D volume")
     for file in series.files:
         problem = pixel_data_problem(file)

@@ -230,3 +230,15 @@ def test_pixel_data_shorter_than_the_image_is_refused(tmp_path, dicom_series):
     ds.save_as(str(folder / files[1].name))
     with pytest.raises(InputError, match=r"has 262144 bytes of pixel data where 512x512 at 16 bits needs 524288"):
         read_volume(str(folder))
+
+
+def test_a_multi_frame_dicom_gets_its_own_message(tmp_path, dicom_series):
+    """One file holding every slice (enhanced CT/MR) is not a 2D image: say what it is and what to do."""
+    folder = tmp_path / "multiframe"
+    folder.mkdir()
+    ds = pydicom.dcmread(str(sorted(dicom_series.glob("*.dcm"))[0]))
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData * 3
+    ds.save_as(str(folder / "enhanced.dcm"))
+    with pytest.raises(InputError, match=r"one multi-frame file \(3 frames, e\.g\. enhanced CT/MR\).*dcm2niix"):
+        read_volume(str(folder))
