@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1,
                    help="embedding processes (CPU: one per core with --threads 1 is fastest; GPU: 1)")
     p.add_argument("--select", default="val,cv", help="C selection methods to report (default val,cv)")
+    p.add_argument("--c-grid", default=None,
+                   help="comma-separated C values (default the paper's 0.01,0.1,1,10,100)")
     p.add_argument("--cache", type=Path, default=ROOT / "out" / "bench_probe_adrenal", help="embedding cache folder")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p.parse_args(argv)
@@ -212,7 +214,7 @@ def check_k10_prefix(embedder100, path: Path) -> float:
     return float(np.abs(derived - e10.vector).max())
 
 
-def probe(x: dict, meta: dict, select: str) -> dict:
+def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] | None = None) -> dict:
     ids, splits, values = [], [], []
     for split in SPLITS:
         features, labels, idx = x[split]
@@ -222,7 +224,8 @@ def probe(x: dict, meta: dict, select: str) -> dict:
     features = np.concatenate([x[s][0] for s in SPLITS])
     embeddings = EmbeddingSet(ids=ids, features=features, metadata=meta, sources=["adrenal"])
     labels = Labels(path=Path("adrenal_labels.csv"), ids=ids, splits=splits, columns={"hyperplasia": values})
-    result = fit_probe(embeddings, labels, FitOptions(select=select))
+    options = FitOptions(select=select) if c_grid is None else FitOptions(select=select, c_grid=c_grid)
+    result = fit_probe(embeddings, labels, options)
     test = result.probe.metrics["test"]
     return {"auc": test["auc"], "acc": test["accuracy"], "C": result.probe.training["selection"]["chosen"],
             "n_features": int(features.shape[1])}
@@ -261,6 +264,7 @@ def main(argv=None) -> int:
     print(f"model: {model_summary(embedder.encoder)}")
     limits = {s: getattr(args, f"limit_{s}") if getattr(args, f"limit_{s}") is not None else args.limit for s in SPLITS}
     selects = [s.strip() for s in args.select.split(",") if s.strip()]
+    c_grid = tuple(float(v) for v in args.c_grid.split(",")) if args.c_grid else None
     results = {}
     for size in (int(s) for s in args.sizes.split(",")):
         path = args.data / FILES[size]
@@ -276,11 +280,11 @@ def main(argv=None) -> int:
         for name, (columns, meta) in feature_sets(embedder).items():
             subset = {s: (x[s][0][:, columns], x[s][1], x[s][2]) for s in SPLITS}
             for select in selects:
-                rows[f"{name} C by {select}"] = probe(subset, meta, select)
+                rows[f"{name} C by {select}"] = probe(subset, meta, select, c_grid)
         raw = raw_voxels(path, x)
         raw_meta = {"n_features": int(raw["train"][0].shape[1])}
         for select in selects:
-            rows[f"raw voxels C by {select}"] = probe(raw, raw_meta, select)
+            rows[f"raw voxels C by {select}"] = probe(raw, raw_meta, select, c_grid)
         results[size] = {"counts": counts, "rows": rows}
         subset_note = "" if all(v is None for v in limits.values()) else " (SUBSET)"
         print(f"\n  test AUC / ACC, {counts['train']} train, {counts['val']} val, {counts['test']} test{subset_note}")
