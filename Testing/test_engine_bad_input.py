@@ -180,12 +180,18 @@ def test_bad_grid_and_planes(tiny_encoder):
         Embedder(EmbedSettings(model="tiny", k=4, planes=("axial", "oblique")), encoder=tiny_encoder)
 
 
+def copy_slices(dicom_series: Path, folder: Path, n: int) -> list[Path]:
+    """The first ``n`` slices of the shared CT series copied into ``folder``; returns the copies."""
+    folder.mkdir()
+    copies = []
+    for f in sorted(dicom_series.glob("*.dcm"))[:n]:
+        copies.append(Path(shutil.copy(f, folder / f.name)))
+    return copies
+
+
 def test_dicom_folder_with_two_series_is_refused(tmp_path, dicom_series):
     folder = tmp_path / "two"
-    folder.mkdir()
-    files = sorted(dicom_series.glob("*.dcm"))[:3]
-    for f in files:
-        shutil.copy(f, folder / f.name)
+    files = copy_slices(dicom_series, folder, 3)
     ds = pydicom.dcmread(str(files[0]))
     ds.SeriesInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(str(folder / "other.dcm"))
@@ -204,12 +210,9 @@ def test_single_dicom_slice_is_a_2d_image(tmp_path, dicom_series):
 def test_a_truncated_dicom_slice_is_refused_not_silently_filled(tmp_path, dicom_series, tiny_model_dir, capsys):
     """Slicer's reader fills a slice whose pixel data is cut short without a word; Raptor refuses it."""
     folder = tmp_path / "cut"
-    folder.mkdir()
-    files = sorted(dicom_series.glob("*.dcm"))[:4]
-    for f in files:
-        shutil.copy(f, folder / f.name)
+    files = copy_slices(dicom_series, folder, 4)
     assert read_volume(str(folder)).array.shape == (4, 512, 512)  # whole, it reads
-    victim = folder / files[2].name
+    victim = files[2]
     victim.write_bytes(victim.read_bytes()[:-1000])
     out = tmp_path / "out"
     code = main(["embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--grid", "16", "--k", "8", "-q"])
@@ -221,13 +224,10 @@ def test_a_truncated_dicom_slice_is_refused_not_silently_filled(tmp_path, dicom_
 
 def test_pixel_data_shorter_than_the_image_is_refused(tmp_path, dicom_series):
     folder = tmp_path / "short"
-    folder.mkdir()
-    files = sorted(dicom_series.glob("*.dcm"))[:3]
-    for f in files:
-        shutil.copy(f, folder / f.name)
-    ds = pydicom.dcmread(str(folder / files[1].name))
+    files = copy_slices(dicom_series, folder, 3)
+    ds = pydicom.dcmread(str(files[1]))
     ds.PixelData = ds.PixelData[: 512 * 256 * 2]  # a consistent file holding half an image
-    ds.save_as(str(folder / files[1].name))
+    ds.save_as(str(files[1]))
     with pytest.raises(InputError, match=r"has 262144 bytes of pixel data where 512x512 at 16 bits needs 524288"):
         read_volume(str(folder))
 
