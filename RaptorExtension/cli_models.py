@@ -78,7 +78,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from .model_cache import download_model, hub_offline
+    from .model_cache import _load_offline, download_model, hub_offline
     from .names import KNOWN_MODELS
 
     root = _root(args)
@@ -105,7 +105,8 @@ def run_download(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        _check_loads(repo_id, root)
+        # It must load offline, or the user learns it now rather than on a compute node.
+        _load_offline(repo_id, root)
         print(f"{repo_id}: cached in {folder}")
     return 0
 
@@ -119,13 +120,6 @@ def _download_failure(repo_id: str, exc: Exception) -> str:
         return f"{repo_id}: the hub refused access (a gated model: accept its license on huggingface.co and log in with `hf auth login`)"
     return (f"{repo_id}: could not download ({kind}{': ' + text if text else ''}); is huggingface.co reachable? "
             "Offline, copy a model folder here and use `raptor models import FOLDER`")
-
-
-def _check_loads(repo_id: str, root) -> None:
-    """A downloaded model must load offline, or the user learns it now rather than on a compute node."""
-    from .model_cache import _load_offline
-
-    _load_offline(repo_id, root)
 
 
 def run_import(args: argparse.Namespace) -> int:

@@ -17,6 +17,16 @@ from RaptorExtension.tables import read_table
 from conftest import SAMPLE_CT
 
 
+def random_volumes(folder, n: int, stem: str = "v") -> list[str]:
+    """``n`` random 8x9x10 ``.npy`` volumes ``{stem}0.npy``... in ``folder`` (seed = index); returns their paths."""
+    paths = []
+    for i in range(n):
+        path = folder / f"{stem}{i}.npy"
+        np.save(path, np.random.default_rng(i).normal(size=(8, 9, 10)).astype(np.float32))
+        paths.append(str(path))
+    return paths
+
+
 def embed_args(model_dir, *extra):
     return ["embed", *extra, "--model", str(model_dir), "--k", "8", "--grid", "16", "-q"]
 
@@ -51,11 +61,7 @@ def test_info_prints_metadata(tiny_model_dir, tmp_path, capsys):
 
 
 def test_skip_existing_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path, capsys):
-    vols = []
-    for i in range(3):
-        p = tmp_path / f"v{i}.npy"
-        np.save(p, np.random.default_rng(i).normal(size=(8, 9, 10)).astype(np.float32))
-        vols.append(str(p))
+    vols = random_volumes(tmp_path, 3)
     out, csv_path = tmp_path / "emb", tmp_path / "emb.csv"
     args = embed_args(tiny_model_dir, *vols[:2], "-o", str(out), "--csv", str(csv_path))
     assert main(args) == 0
@@ -115,11 +121,7 @@ def test_intensity_presets():
 
 
 def test_embed_csv_resume_cuts_a_torn_last_row(tiny_model_dir, tmp_path, capsys):
-    vols = []
-    for i in range(2):
-        p = tmp_path / f"v{i}.npy"
-        np.save(p, np.random.default_rng(i).normal(size=(8, 9, 10)).astype(np.float32))
-        vols.append(str(p))
+    vols = random_volumes(tmp_path, 2)
     csv_path = tmp_path / "t.csv"
     assert main(embed_args(tiny_model_dir, vols[0], "--csv", str(csv_path))) == 0
     whole = csv_path.read_bytes()
@@ -151,11 +153,7 @@ def test_every_input_kind_pickles_for_loader_processes(tmp_path, dicom_series):
 
 
 def test_process_read_ahead_gives_the_same_bits_as_threads(tiny_model_dir, tmp_path, capsys):
-    rng = np.random.default_rng(3)
-    inputs = []
-    for i in range(3):
-        np.save(tmp_path / f"vol{i}.npy", rng.random((6, 7, 5)).astype(np.float32))
-        inputs.append(str(tmp_path / f"vol{i}.npy"))
+    inputs = random_volumes(tmp_path, 3, stem="vol")
     np.save(tmp_path / "bad.npy", np.zeros((4, 4), np.float32))  # a 2D image fails in its loader process
     inputs.insert(1, str(tmp_path / "bad.npy"))
     tables = {}
