@@ -121,7 +121,8 @@ def run_fit(args: argparse.Namespace) -> int:
     probe.save(output)
     report = Path(args.report) if args.report else Path(f"{_stem(output)}_metrics.json")
     atomic_write_text(report, json.dumps({"task": probe.task, "model": probe.model, "classes": probe.classes,
-                                          "selection": probe.training.get("selection"), "metrics": probe.metrics},
+                                          "selection": probe.training.get("selection"), "metrics": probe.metrics,
+                                          "warnings": result.warnings},
                                          indent=2, sort_keys=True) + "\n")
     if probe.task in CLASSIFICATION_TASKS:
         plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_roc.png")
@@ -133,6 +134,8 @@ def run_fit(args: argparse.Namespace) -> int:
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
     print(metrics_table(probe.metrics, probe.task))
+    for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
+        print(f"raptor: warning: {warning}", file=sys.stderr)
     print(f"raptor: wrote {output}, {report}, {plot}", file=sys.stderr)
     return 0
 

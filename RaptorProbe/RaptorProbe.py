@@ -529,7 +529,8 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
         result = fit_probe(load_embeddings([embeddings]), read_labels(labels), FitOptions(model=model, select=select))
         result.probe.name = Path(output).name.removesuffix(".raptorprobe")
         result.probe.save(output)
-        return result.probe, metrics_table(result.probe.metrics, result.probe.task)
+        table = metrics_table(result.probe.metrics, result.probe.task)
+        return result.probe, "\n".join([table, *(f"Warning: {w}" for w in result.warnings)])
 
 
 #

@@ -329,3 +329,36 @@ def test_wide_features_use_the_kernel_form_with_the_same_optimum(classes):
         primal = LogisticRegression(C=c, max_iter=20000, tol=1e-10).fit(design.z, y)
         np.testing.assert_allclose(fitted.weight, primal.coef_, atol=1e-4)
         np.testing.assert_allclose(fitted.bias, primal.intercept_, atol=1e-3)
+
+
+def test_grid_edge_warning_says_which_way_to_extend_the_grid():
+    from RaptorExtension.probe import grid_edge_warning
+
+    low = grid_edge_warning("C", 0.01, (0.01, 0.1, 1.0, 10.0, 100.0))
+    assert low == ("C=0.01 is the smallest value of the grid, so the best may be beyond it (stronger "
+                   "regularization); try --c-grid 0.0001,0.001,0.01")
+    high = grid_edge_warning("C", 100.0, (0.01, 0.1, 1.0, 10.0, 100.0))
+    assert "largest" in high and "weaker regularization" in high and high.endswith("--c-grid 100,1000,10000")
+    assert "weaker regularization" in grid_edge_warning("alpha", 0.1, (0.1, 1.0, 10.0)) and "--alpha-grid" in \
+        grid_edge_warning("alpha", 0.1, (0.1, 1.0, 10.0))
+    assert "stronger regularization" in grid_edge_warning("alpha", 10.0, (10.0, 0.1, 1.0))  # grid order does not matter
+    assert grid_edge_warning("C", 1.0, (0.01, 0.1, 1.0, 10.0, 100.0)) is None  # inside the grid
+    assert grid_edge_warning("C", 1.0, (1.0,)) is None  # a one-value grid is the user's explicit choice
+
+
+def test_a_choice_at_the_edge_of_the_grid_is_reported(tmp_path):
+    """Separable wide data: validation AUC rises with C, so a grid that stops at 0.1 chooses its edge and says so."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(N, 400)).astype(np.float32)
+    y = (x[:, :200].sum(axis=1) > 0).astype(int)
+    wide = EmbeddingSet(ids=[f"v{i}" for i in range(N)], features=x, metadata=settings_meta(n_features=400),
+                        sources=["synthetic"])
+    labels = read_labels(write_labels(tmp_path / "labels.csv", {"y": list(y)}))
+    inside = fit_probe(wide, labels)
+    assert inside.probe.training["selection"]["chosen"] == 1.0 and inside.warnings == []
+    edge = fit_probe(wide, labels, FitOptions(c_grid=(0.0001, 0.001, 0.01, 0.1)))
+    scores = edge.probe.training["selection"]["scores"]
+    assert scores["0.1"] > scores["0.0001"] and edge.probe.training["selection"]["chosen"] == 0.1
+    assert edge.warnings == ["C=0.1 is the largest value of the grid, so the best may be beyond it (weaker "
+                             "regularization); try --c-grid 0.1,1,10"]
+    assert edge.probe.training["warnings"] == edge.warnings  # kept in the probe file's metadata too

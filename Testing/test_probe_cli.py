@@ -43,12 +43,15 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
     folder, centres = cohort
     probe_path = tmp_path / "out" / "blob.raptorprobe"
     assert main(["probe", "fit", str(folder / "emb.csv"), str(folder / "labels.csv"), "-o", str(probe_path), "-q"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "binary probe (logistic), C=" in out and "chosen by validation" in out
     table = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert set(table) == {"train", "val", "test"} and float(table["test"][2]) > 0.8  # test AUC
     report = json.loads((tmp_path / "out" / "blob_metrics.json").read_text())
     assert report["metrics"]["test"]["n"] == 8 and report["selection"]["parameter"] == "C"
+    at_edge = report["selection"]["chosen"] in (0.01, 100.0)  # the paper's grid
+    assert len(report["warnings"]) == at_edge and ("raptor: warning: C=" in captured.err) == at_edge
     assert (tmp_path / "out" / "blob_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     scores_csv = tmp_path / "scores.csv"
