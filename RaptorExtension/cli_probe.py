@@ -15,13 +15,12 @@ from .errors import RaptorError
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    from .probe import parse_grid
+
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (got {text!r})") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers (got {text!r})")
-    return values
+        return parse_grid(text)
+    except RaptorError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ints(text: str) -> tuple[int, ...]:

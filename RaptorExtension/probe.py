@@ -663,6 +663,17 @@ def _selection_score(task: str, y: np.ndarray, scores: np.ndarray) -> float:
     return -float(np.mean((scores - y) ** 2 / np.maximum(np.var(y, axis=0), 1e-12)))
 
 
+def parse_grid(text: str) -> tuple[float, ...]:
+    """A regularization grid from text such as "0.0001,0.001,0.01" (the CLI's and the Fit panel's form)."""
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise RaptorError(f"expected comma-separated positive numbers for the regularization grid (got {text!r})")
+    return values
+
+
 def grid_edge_warning(parameter: str, chosen: float, grid: Sequence[float], label: str = "") -> str | None:
     """A one-line warning when the chosen regularization is the grid's smallest or largest value.
 
@@ -864,6 +875,7 @@ __all__ = [
     "ProbeScores",
     "fit_probe",
     "grid_edge_warning",
+    "parse_grid",
     "infer_task",
     "load_embeddings",
     "read_labels",

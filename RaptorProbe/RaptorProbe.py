@@ -103,6 +103,7 @@ class RaptorProbeParameterNode:
     fitOutput - Probe file to write.
     fitModel - auto, logistic, ridge or mlp.
     fitSelect - val (paper) or cv (stratified k-fold on train+val).
+    fitCGrid - C values for logistic regression, comma-separated (the paper's by default).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -113,6 +114,7 @@ class RaptorProbeParameterNode:
     fitOutput: Path
     fitModel: Annotated[str, Choice(["auto", "logistic", "ridge", "mlp"])] = "auto"
     fitSelect: Annotated[str, Choice(["val", "cv"])] = "val"
+    fitCGrid: str = "0.01,0.1,1,10,100"
 
 
 #
@@ -451,7 +453,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._fitExecutor is None:
             self._fitExecutor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="raptor-fit")
         self._fitFuture = self._fitExecutor.submit(
-            self.logic.fitAndSave, str(p.fitEmbeddings), str(p.fitLabels), str(p.fitOutput), p.fitModel, p.fitSelect
+            self.logic.fitAndSave, str(p.fitEmbeddings), str(p.fitLabels), str(p.fitOutput), p.fitModel, p.fitSelect,
+            p.fitCGrid
         )
         self.ui.fitResultLabel.text = _("Fitting...")
         self._pollTimer.start()
@@ -521,12 +524,15 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
                  cls=", with CLS tokens" if e.get("keep_cls") else "", metric=f"Test: {metric}" if metric else "")
 
     @staticmethod
-    def fitAndSave(embeddings: str, labels: str, output: str, model: str = "auto", select: str = "val"):
-        """Fit a probe with the engine (worker thread: no MRML), save it; returns (probe, metrics table)."""
+    def fitAndSave(embeddings: str, labels: str, output: str, model: str = "auto", select: str = "val",
+                   cGrid: str = ""):
+        """Fit a probe with the engine (worker thread: no MRML), save it; returns (probe, metrics table + warnings)."""
         from RaptorExtension.metrics import metrics_table
-        from RaptorExtension.probe import FitOptions, fit_probe, load_embeddings, read_labels
+        from RaptorExtension.probe import PAPER_C_GRID, FitOptions, fit_probe, load_embeddings, parse_grid, read_labels
 
-        result = fit_probe(load_embeddings([embeddings]), read_labels(labels), FitOptions(model=model, select=select))
+        grid = parse_grid(cGrid) if cGrid.strip() else PAPER_C_GRID
+        result = fit_probe(load_embeddings([embeddings]), read_labels(labels),
+                           FitOptions(model=model, select=select, c_grid=grid))
         result.probe.name = Path(output).name.removesuffix(".raptorprobe")
         result.probe.save(output)
         table = metrics_table(result.probe.metrics, result.probe.task)

@@ -362,3 +362,12 @@ def test_a_choice_at_the_edge_of_the_grid_is_reported(tmp_path):
     assert edge.warnings == ["C=0.1 is the largest value of the grid, so the best may be beyond it (weaker "
                              "regularization); try --c-grid 0.1,1,10"]
     assert edge.probe.training["warnings"] == edge.warnings  # kept in the probe file's metadata too
+
+
+def test_parse_grid_accepts_comma_separated_positive_numbers():
+    from RaptorExtension.probe import parse_grid
+
+    assert parse_grid("0.0001, 0.001,0.01,") == (0.0001, 0.001, 0.01)
+    for bad in ("", "0.1,x", "0,1", "-1", "nan", "inf"):
+        with pytest.raises(RaptorError, match="expected comma-separated positive numbers"):
+            parse_grid(bad)
