@@ -336,9 +336,9 @@ def test_grid_edge_warning_says_which_way_to_extend_the_grid():
 
     low = grid_edge_warning("C", 0.01, (0.01, 0.1, 1.0, 10.0, 100.0))
     assert low == ("C=0.01 is the smallest value of the grid, so the best may be beyond it (stronger "
-                   "regularization); try --c-grid 0.0001,0.001,0.01")
+                   "regularization); try C values 0.0001,0.001,0.01 (--c-grid)")
     high = grid_edge_warning("C", 100.0, (0.01, 0.1, 1.0, 10.0, 100.0))
-    assert "largest" in high and "weaker regularization" in high and high.endswith("--c-grid 100,1000,10000")
+    assert "largest" in high and "weaker regularization" in high and high.endswith("C values 100,1000,10000 (--c-grid)")
     assert "weaker regularization" in grid_edge_warning("alpha", 0.1, (0.1, 1.0, 10.0)) and "--alpha-grid" in \
         grid_edge_warning("alpha", 0.1, (0.1, 1.0, 10.0))
     assert "stronger regularization" in grid_edge_warning("alpha", 10.0, (10.0, 0.1, 1.0))  # grid order does not matter
@@ -360,7 +360,7 @@ def test_a_choice_at_the_edge_of_the_grid_is_reported(tmp_path):
     scores = edge.probe.training["selection"]["scores"]
     assert scores["0.1"] > scores["0.0001"] and edge.probe.training["selection"]["chosen"] == 0.1
     assert edge.warnings == ["C=0.1 is the largest value of the grid, so the best may be beyond it (weaker "
-                             "regularization); try --c-grid 0.1,1,10"]
+                             "regularization); try C values 0.1,1,10 (--c-grid)"]
     assert edge.probe.training["warnings"] == edge.warnings  # kept in the probe file's metadata too
 
 
