@@ -797,9 +797,9 @@ def fit_probe(
     x_fit = x_all[fit_rows]
     design = _Design(x_fit)  # the rows the final model is fitted on (and, with select=val, the candidates)
     mean, scale = design.mean, design.scale
-    selection: dict = {"method": options.select, "grid": list(grid)}
+    parameter = "C" if model == "logistic" else "alpha"
+    selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter}
     converged = True
-    warnings_out: list[str] = []
     if task == "multilabel":
         weights, biases, chosen, per_label = [], [], {}, {}
         for c, name in enumerate(classes):
@@ -811,9 +811,6 @@ def fit_probe(
             weights.append(fitted.weight[0])
             biases.append(fitted.bias[0])
             chosen[name], per_label[name] = strength, table
-            edge = grid_edge_warning("C" if model == "logistic" else "alpha", strength, grid, label=f"label {name}: ")
-            if edge:
-                warnings_out.append(edge)
         final = _Fitted(weight=np.stack(weights), bias=np.array(biases))
         selection.update(chosen=chosen, scores=per_label)
     else:
@@ -824,10 +821,11 @@ def fit_probe(
         final = _fit_one(model, task, design, y_fit, strength, options)
         converged = final.converged
         selection.update(chosen=strength, scores=table)
-        edge = grid_edge_warning("C" if model == "logistic" else "alpha", strength, grid)
-        if edge:
-            warnings_out.append(edge)
-    selection["parameter"] = "C" if model == "logistic" else "alpha"
+    per_choice = selection["chosen"].items() if task == "multilabel" else [(None, selection["chosen"])]
+    warnings_out = [w for name, value in per_choice
+                    if (w := grid_edge_warning(parameter, value, grid, label=f"label {name}: " if name else ""))]
+    if not converged:
+        warnings_out.append("the solver did not fully converge for the chosen setting (raise --max-iter)")
 
     probe = Probe(task=task, model=model, classes=classes, label_columns=list(labels.columns), feature_mean=mean,
                   feature_scale=scale, embedding=dict(embeddings.metadata), **_as_probe_parts(final))
@@ -859,10 +857,8 @@ def fit_probe(
         "scikit_learn": sklearn.__version__,
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "warnings": list(warnings_out),
     }
-    if not converged:
-        warnings_out.append("the solver did not fully converge for the chosen setting (raise --max-iter)")
-    probe.training["warnings"] = list(warnings_out)
     return FitResult(probe=probe, predictions=predictions, warnings=warnings_out)
 
 

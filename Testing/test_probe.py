@@ -371,3 +371,12 @@ def test_parse_grid_accepts_comma_separated_positive_numbers():
     for bad in ("", "0.1,x", "0,1", "-1", "nan", "inf"):
         with pytest.raises(RaptorError, match="expected comma-separated positive numbers"):
             parse_grid(bad)
+
+
+def test_multilabel_edge_warnings_name_their_label(tmp_path, embeddings, features):
+    columns = {"a": list((features[:, 0] > 0).astype(int)), "b": list((features[:, 1] > 0).astype(int))}
+    result = fit_probe(embeddings, read_labels(write_labels(tmp_path / "m.csv", columns)), FitOptions(c_grid=(0.001, 0.01)))
+    chosen = result.probe.training["selection"]["chosen"]
+    assert result.probe.task == "multilabel" and chosen == {"a": 0.01, "b": 0.01}
+    assert [w.split(":")[0] for w in result.warnings] == ["label a", "label b"]
+    assert all("C=0.01 is the largest value of the grid" in w for w in result.warnings)

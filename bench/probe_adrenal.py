@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from RaptorExtension.atomic import atomic_write  # noqa: E402
-from RaptorExtension.probe import EmbeddingSet, FitOptions, Labels, embedding_description, fit_probe  # noqa: E402
+from RaptorExtension.probe import (  # noqa: E402
+    PAPER_C_GRID, EmbeddingSet, FitOptions, Labels, embedding_description, fit_probe, parse_grid)
 from RaptorExtension.volume import Volume  # noqa: E402
 
 PAPER = {"Raptor (K=100)": (0.926, 0.845), "Raptor-B (K=10)": (0.930, 0.858)}
@@ -214,7 +215,7 @@ def check_k10_prefix(embedder100, path: Path) -> float:
     return float(np.abs(derived - e10.vector).max())
 
 
-def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] | None = None) -> dict:
+def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] = PAPER_C_GRID) -> dict:
     ids, splits, values = [], [], []
     for split in SPLITS:
         features, labels, idx = x[split]
@@ -224,8 +225,7 @@ def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] | None = N
     features = np.concatenate([x[s][0] for s in SPLITS])
     embeddings = EmbeddingSet(ids=ids, features=features, metadata=meta, sources=["adrenal"])
     labels = Labels(path=Path("adrenal_labels.csv"), ids=ids, splits=splits, columns={"hyperplasia": values})
-    options = FitOptions(select=select) if c_grid is None else FitOptions(select=select, c_grid=c_grid)
-    result = fit_probe(embeddings, labels, options)
+    result = fit_probe(embeddings, labels, FitOptions(select=select, c_grid=c_grid))
     test = result.probe.metrics["test"]
     return {"auc": test["auc"], "acc": test["accuracy"], "C": result.probe.training["selection"]["chosen"],
             "n_features": int(features.shape[1])}
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     print(f"model: {model_summary(embedder.encoder)}")
     limits = {s: getattr(args, f"limit_{s}") if getattr(args, f"limit_{s}") is not None else args.limit for s in SPLITS}
     selects = [s.strip() for s in args.select.split(",") if s.strip()]
-    c_grid = tuple(float(v) for v in args.c_grid.split(",")) if args.c_grid else None
+    c_grid = parse_grid(args.c_grid) if args.c_grid else PAPER_C_GRID
     results = {}
     for size in (int(s) for s in args.sizes.split(",")):
         path = args.data / FILES[size]
