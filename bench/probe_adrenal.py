@@ -15,8 +15,9 @@ first 10 channels of the K=100 ones; the script checks this on one volume
 against a direct K=10 embedding.  Each set is probed with C chosen on val
 (the paper) and by 5-fold stratified CV on train+val.
 
-A GPU does the full run in minutes; on a CPU (about 0.1 s per 224 px slice for
-ViT-S) use ``--limit`` to run a subset:
+A GPU does the full run in minutes.  On a CPU (about 0.19 s per 224 px slice for
+ViT-S on one thread) the 28^3 file takes under 2 h and the 64^3 file about 4-5 h
+with ``--workers 2 --threads 1`` on two cores; ``--limit`` runs a subset:
 
     .venv/bin/python bench/probe_adrenal.py                         # full, GPU
     .venv/bin/python bench/probe_adrenal.py --sizes 28 --limit 40   # CPU subset
