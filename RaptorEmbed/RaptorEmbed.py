@@ -1,7 +1,7 @@
 """RaptorEmbed: click Embed on an open scan and get its Raptor embedding on the node.
 
 The widget only gathers inputs and shows results.  Everything testable lives
-in the engine package (``RaptorExtension.mrml_embed.EmbedLogic``, Qt-free and
+in the engine package (``RaptorExtension.slicerlogic.embed.EmbedLogic``, Qt-free and
 tested headless against a real MRML scene); :class:`RaptorEmbedLogic` adds the
 parameter node and Slicer's event processing to it.
 """
@@ -40,24 +40,22 @@ def _makeEngineImportable() -> None:
 
 _makeEngineImportable()
 
-from RaptorExtension import dependencies  # noqa: E402  (no torch import: installed at first use)
+from RaptorExtension.slicerlogic import dependencies  # noqa: E402  (no torch import: installed at first use)
 from RaptorExtension.errors import Cancelled, RaptorError  # noqa: E402
-from RaptorExtension.mrml_embed import (  # noqa: E402
-    CANCELLED,
+from RaptorExtension.slicerlogic.embed_job import CANCELLED, DONE, FAILED
+from RaptorExtension.slicerlogic.choices import (
     DEFAULT_MODEL_CHOICE,
     DEVICE_CHOICES,
-    DONE,
-    FAILED,
     MODEL_CHOICES,
     OTHER_MODEL_CHOICE,
     PRESET_CHOICES,
-    EmbedLogic,
     choice_for_model,
     describe_embedding,
     settings_from_choices,
 )
-from RaptorExtension.mrml_batch import BatchLogic  # noqa: E402
-from RaptorExtension.node_attributes import read_embedding  # noqa: E402
+from RaptorExtension.slicerlogic.embed import EmbedLogic
+from RaptorExtension.slicerlogic.batch import BatchLogic  # noqa: E402
+from RaptorExtension.slicerlogic.node_attributes import read_embedding  # noqa: E402
 
 POLL_INTERVAL_MSEC = 100
 CACHE_SETTINGS_KEY = "Raptor/ModelCacheFolder"
@@ -516,7 +514,7 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onImportModel(self) -> None:
         """Air-gapped sites: copy a model folder (downloaded elsewhere) into the cache."""
-        from RaptorExtension.model_cache import default_repo_id
+        from RaptorExtension.encoding.model_cache import default_repo_id
         from pathlib import Path
 
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model folder to import"))
@@ -558,7 +556,7 @@ class RaptorEmbedLogic(ScriptedLoadableModuleLogic, EmbedLogic):
     embedding (and stores it on the node); without ``waitForCompletion`` it
     returns the running job and reports through ``progressCallback`` and
     ``completionCallback`` while something calls ``poll()`` (the module panel
-    does, from a timer).  All of it is :class:`RaptorExtension.mrml_embed.EmbedLogic`.
+    does, from a timer).  All of it is :class:`RaptorExtension.slicerlogic.embed.EmbedLogic`.
     """
 
     def __init__(self) -> None:
@@ -620,8 +618,8 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
         """A logic serving a tiny random-init DINOv2 (no download), or a skip if torch is missing."""
         if not dependencies.dependencies_ready():
             self.skipTest("PyTorch or Raptor's Python packages are not installed")
-        from RaptorExtension.model import encoder_from_model, random_dinov2
-        from RaptorExtension.pipeline import EmbedSettings
+        from RaptorExtension.encoding.model import encoder_from_model, random_dinov2
+        from RaptorExtension.encoding.pipeline import EmbedSettings
 
         model = random_dinov2(hidden_size=32, layers=2, heads=2, image_size=56, seed=0)
         encoder = encoder_from_model(model, "raptor-selftest/random-dinov2", device="cpu", image_size=56)
@@ -643,7 +641,7 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
     def test_RaptorEmbed1(self):
         """Embed a synthetic volume, blocking, and check what is stored on the node."""
         self.delayDisplay("Starting the test")
-        from RaptorExtension.node_attributes import EMBEDDING_ATTRIBUTE, METADATA_ATTRIBUTE
+        from RaptorExtension.slicerlogic.node_attributes import EMBEDDING_ATTRIBUTE, METADATA_ATTRIBUTE
 
         logic, settings = self._tinyLogic()
         volumeNode = self._syntheticVolume("RaptorSelfTest")
@@ -661,7 +659,7 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
         self.assertEqual(tableNode.GetNumberOfRows(), 1)
         csvPath = os.path.join(slicer.app.temporaryPath, "RaptorEmbedSelfTest.csv")
         logic.exportCSV(csvPath)
-        from RaptorExtension.tables import read_table
+        from RaptorExtension.embeddings.table import read_table
 
         table = read_table(csvPath)
         self.assertEqual(table.ids, ["RaptorSelfTest"])
@@ -672,7 +670,7 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
         """Start an embedding in the background, cancel it, and check nothing was written."""
         import time
 
-        from RaptorExtension.node_attributes import has_embedding
+        from RaptorExtension.slicerlogic.node_attributes import has_embedding
 
         logic, settings = self._tinyLogic()
         volumeNode = self._syntheticVolume("RaptorSelfTestCancel")

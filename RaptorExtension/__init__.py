@@ -4,6 +4,16 @@ The engine behind the Raptor 3D Slicer extension (Raptor, ICML 2025,
 arXiv 2507.08254).  It has no Qt or GUI import, so it runs the same inside
 Slicer, on the command line (``raptor``) and in a batch job.
 
+Where the code lives (dependencies run down this list, never up):
+
+- ``cli/``, ``slicerlogic/``: the ``raptor`` command, and the Slicer modules' Qt-free logic;
+- ``cohort/``: batch jobs over DICOM databases, folder trees and manifests;
+  ``probes/``: probes, their files, metrics and explanations;
+- ``encoding/``: models, the triaxial encoder, the projection, the embedding pipeline;
+- ``volumes/``: reading volumes, intensity presets, resampling, read-ahead;
+  ``embeddings/``: the embedding formats (``.npz``, CSV, Parquet) and the mixing rules;
+- top level: ``errors``, ``names``, ``atomic`` (file writes), ``version``.
+
 Typical use::
 
     from RaptorExtension import Embedder, EmbedSettings, read_volume
@@ -11,9 +21,8 @@ Typical use::
     embedding = embedder.embed_volume(read_volume("ct.nii.gz"))
 """
 
-__version__ = "0.1.0"
-
-from .errors import Cancelled, InputError, MetadataMismatch, ModelError, RaptorError  # noqa: E402
+from .errors import Cancelled, InputError, MetadataMismatch, ModelError, RaptorError
+from .version import __version__
 
 __all__ = [
     "__version__",
@@ -33,15 +42,15 @@ __all__ = [
 def __getattr__(name):
     """Import the heavy parts (torch, transformers, VTK) only when used."""
     if name in ("Embedder", "EmbedSettings"):
-        from . import pipeline
+        from .encoding import pipeline
 
         return getattr(pipeline, name)
     if name == "Embedding":
-        from .embedding import Embedding
+        from .embeddings.embedding import Embedding
 
         return Embedding
     if name in ("read_volume", "expand_input"):
-        from . import readers
+        from .volumes import readers
 
         return getattr(readers, name)
     raise AttributeError(name)

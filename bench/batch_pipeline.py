@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "Testing"))
 
 
 def write_series(folder: Path, count: int, slices: int, step: int) -> None:
-    from conftest import DICOM_SERIES
     import numpy as np
+    from conftest import DICOM_SERIES
     from derived_dicom import StoredCT, read_stored_ct, write_axial
 
     ct = read_stored_ct(DICOM_SERIES)
@@ -88,11 +88,12 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from RaptorExtension.batch import BatchJob, BatchSources, run_batch
-    from RaptorExtension.model import model_summary
-    from RaptorExtension.pipeline import Embedder, EmbedSettings
-    from RaptorExtension.readers import VolumeRef
-    from RaptorExtension.sources import discover_folder
+    from RaptorExtension.cohort.job import BatchJob, BatchSources
+    from RaptorExtension.cohort.run import run_batch
+    from RaptorExtension.cohort.sources import discover_folder
+    from RaptorExtension.encoding.model import model_summary
+    from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+    from RaptorExtension.volumes.volume import VolumeRef
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="raptor-bench-pipeline-"))
     cohort = work / f"cohort{args.series}x{args.slices}s{args.step}"
@@ -102,7 +103,7 @@ def main() -> None:
         print(f"wrote {args.series} series in {time.perf_counter() - t:.1f}s to {cohort}", file=sys.stderr)
     model = args.model
     if args.arch:
-        from RaptorExtension.model import save_random_dinov2
+        from RaptorExtension.encoding.model import save_random_dinov2
 
         model = str(save_random_dinov2(work / f"random-dinov2-{args.arch}", args.arch))
     elif model is None:

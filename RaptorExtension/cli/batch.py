@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from .errors import RaptorError
+from ..errors import RaptorError
 
 
 def default_readers() -> int:
@@ -26,8 +26,8 @@ def default_readers() -> int:
 
 
 def add_parser(sub) -> None:
-    from .anonymize import SALT_ENV
-    from .cli import _non_negative_int, add_embedding_options
+    from ..cohort.anonymize import SALT_ENV
+    from .options import add_embedding_options, non_negative_int
 
     p = sub.add_parser(
         "batch",
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                      help="a CSV with a 'path' column (files or one-series DICOM folders) and optional 'id', 'modality', ... columns")
     flt = p.add_argument_group("filters")
     flt.add_argument("--modality", default="", help="comma-separated DICOM modalities to keep, e.g. CT or CT,MR (default: all image series)")
-    flt.add_argument("--min-slices", type=_non_negative_int, default=0, help="skip series with fewer slices (files)")
+    flt.add_argument("--min-slices", type=non_negative_int, default=0, help="skip series with fewer slices (files)")
     flt.add_argument("--series-description", default=None, metavar="REGEX",
                      help="keep series whose description matches this regular expression (case-insensitive search)")
     out = p.add_argument_group("output")
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     run.add_argument("--shard", default=None, metavar="I/N", help="do only shard I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/8); combine with raptor merge")
     run.add_argument("--gpus", default="auto",
                      help="one worker per device: auto (every visible GPU, else --device), a list of GPU indices (0,1), or devices (cuda:0,cuda:1)")
-    run.add_argument("--readers", type=_non_negative_int, default=None,
+    run.add_argument("--readers", type=non_negative_int, default=None,
                      help=f"loader processes (or threads) reading the next series while the encoder works, shared by all devices (default {default_readers()} here)")
     run.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"), help="how loaders run (default: processes)")
     run.add_argument("--dry-run", action="store_true",
@@ -89,10 +89,10 @@ def _devices(spec: str) -> list[str] | None:
 
 
 def job_from_args(args: argparse.Namespace):
-    from .anonymize import Anonymizer
-    from .batch import BatchJob, BatchSources
-    from .cli import settings_from_args
-    from .sources import SeriesFilter, parse_shard
+    from ..cohort.anonymize import Anonymizer
+    from ..cohort.job import BatchJob, BatchSources
+    from ..cohort.sources import SeriesFilter, parse_shard
+    from .options import settings_from_args
 
     if not (args.dicom_db or args.folder or args.manifest):
         raise RaptorError("give at least one source: --dicom-db FOLDER, --folder DIR or --manifest CSV")
@@ -101,7 +101,7 @@ def job_from_args(args: argparse.Namespace):
     if args.keep_descriptions and not args.anonymize:
         raise RaptorError("--keep-descriptions is only used with --anonymize (descriptions are kept otherwise)")
     if args.parquet:
-        from .parquet import require_pyarrow
+        from ..embeddings.parquet import require_pyarrow
 
         require_pyarrow()
     filters = SeriesFilter(
@@ -183,7 +183,8 @@ def _duration(seconds: float) -> str:
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    from .batch import plan_job, run_batch
+    from ..cohort.plan import plan_job
+    from ..cohort.run import run_batch
 
     job = job_from_args(args)
     if args.dry_run:
@@ -221,7 +222,7 @@ def _dry_run(job, plan) -> int:
 
 
 def run_merge_command(args: argparse.Namespace) -> int:
-    from .batch import merge_parts
+    from ..cohort.merge import merge_parts
 
     summary = merge_parts(args.parts, args.output)
     print(f"raptor: merged {summary.parts} parts: {summary.rows} series -> {summary.output}")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 def add_parser(sub) -> None:
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 
 
 def _root(args: argparse.Namespace) -> Path:
-    from .model_cache import model_cache_dir
+    from ..encoding.model_cache import model_cache_dir
 
     return Path(args.cache_dir).expanduser() if args.cache_dir else model_cache_dir()
 
@@ -63,7 +63,7 @@ def _human(size: int) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .model_cache import cached_models
+    from ..encoding.model_cache import cached_models
 
     root = _root(args)
     models = cached_models(root)
@@ -78,8 +78,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from .model_cache import _load_offline, download_model, hub_offline
-    from .names import KNOWN_MODELS
+    from ..encoding.model_cache import _load_offline, download_model, hub_offline
+    from ..names import KNOWN_MODELS
 
     root = _root(args)
     for name in args.models:
@@ -123,7 +123,7 @@ def _download_failure(repo_id: str, exc: Exception) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from .model_cache import import_model_folder
+    from ..encoding.model_cache import import_model_folder
 
     root = _root(args)
     repo_id = import_model_folder(args.folder, args.id, root)
@@ -132,8 +132,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_clear(args: argparse.Namespace) -> int:
-    from .model_cache import cached_models, clear_model_cache
-    from .names import KNOWN_MODELS
+    from ..encoding.model_cache import cached_models, clear_model_cache
+    from ..names import KNOWN_MODELS
 
     root = _root(args)
     if not args.models and not args.yes:

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import RaptorError
+from ..errors import RaptorError
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    from .probe import parse_grid
+    from ..probes.probe import parse_grid
 
     try:
         return parse_grid(text)
@@ -101,9 +101,20 @@ def _stem(path: Path) -> Path:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
-    from .metrics import CLASSIFICATION_TASKS, metrics_table, plot_pred_vs_true, plot_roc
-    from .probe import FitOptions, PAPER_C_GRID, fit_probe, load_embeddings, read_labels
+    from ..atomic import atomic_write_text
+    from ..probes.metrics import (
+        CLASSIFICATION_TASKS,
+        metrics_table,
+        plot_pred_vs_true,
+        plot_roc,
+    )
+    from ..probes.probe import (
+        PAPER_C_GRID,
+        FitOptions,
+        fit_probe,
+        load_embeddings,
+        read_labels,
+    )
 
     output = Path(args.output)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -140,8 +151,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
-    from .probe import Probe, load_embeddings
+    from ..atomic import atomic_write_text
+    from ..probes.probe import Probe, load_embeddings
 
     probe = Probe.load(args.probe)
     embeddings = load_embeddings(args.embeddings)
@@ -156,9 +167,9 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .metrics import metrics_table
-    from .probe import Probe
-    from .probe_io import read_probe_file
+    from ..probes.metrics import metrics_table
+    from ..probes.probe import Probe
+    from ..probes.probe_file import read_probe_file
 
     if args.json:
         meta, _ = read_probe_file(args.probe)
@@ -179,13 +190,13 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
-    from .explain import embed_settings_for, explain_volume
-    from .explain_figure import curves_csv, render_explanation
-    from .model import model_summary
-    from .pipeline import Embedder
-    from .probe import Probe
-    from .readers import read_volume
+    from ..atomic import atomic_write_text
+    from ..encoding.model import model_summary
+    from ..encoding.pipeline import Embedder
+    from ..probes.explain import embed_settings_for, explain_volume
+    from ..probes.figure import curves_csv, render_explanation
+    from ..probes.probe import Probe
+    from ..volumes.readers import read_volume
 
     probe = Probe.load(args.probe)
     if not probe.is_linear:
@@ -203,9 +214,9 @@ def run_explain(args: argparse.Namespace) -> int:
     render_explanation(ex, args.output, slices=args.slices)
     written = [args.output]
     if args.heatmap:
-        from .mrml_probe import save_heatmap
+        from ..volumes.slicer_io import write_volume_file
 
-        save_heatmap(ex.heatmap, ex.input_ijk_to_ras, args.heatmap)
+        write_volume_file(ex.heatmap, ex.input_ijk_to_ras, args.heatmap, what="heatmap")
         written.append(args.heatmap)
     if args.curves:
         atomic_write_text(args.curves, curves_csv(ex))

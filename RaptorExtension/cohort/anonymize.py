@@ -36,7 +36,7 @@ import hmac
 import os
 import re
 
-from .errors import RaptorError
+from ..errors import RaptorError
 
 SALT_ENV = "RAPTOR_ANON_SALT"
 MIN_SALT_LENGTH = 16

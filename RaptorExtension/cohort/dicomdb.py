@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .errors import Cancelled, InputError
+from ..errors import Cancelled, InputError
 from .sources import Discovery, SeriesFilter, SeriesItem
 
 DATABASE_FILENAME = "ctkDICOM.sql"

@@ -9,7 +9,7 @@ import csv
 import io
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 COLUMNS = ("id", "source", "reason")
 

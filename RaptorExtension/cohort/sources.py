@@ -22,20 +22,22 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, RaptorError
-from .readers import (
-    SLICER_VOLUME_SUFFIXES,
+from ..errors import InputError, RaptorError
+from ..volumes.dicom import (
     DicomSeries,
-    VolumeRef,
-    _header_shape,
-    _is_dicom_file,
     dicom_folder_series,
-    expand_input,
+    is_dicom_file,
     read_dicom_series,
     scan_dicom_files,
+)
+from ..volumes.headers import _header_shape
+from ..volumes.readers import expand_input
+from ..volumes.volume import (
+    SLICER_VOLUME_SUFFIXES,
+    Volume,
+    VolumeRef,
     volume_id_from_path,
 )
-from .volume import Volume
 
 NON_IMAGE_MODALITIES = frozenset(
     {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "FID", "OT-SR", "AU", "ECG", "PLAN"}
@@ -268,7 +270,7 @@ def discover_folder(
     by_uid: dict[str, list[DicomSeries]] = {}
     for n, (dirpath, names) in enumerate(folders):
         if cancel is not None and cancel.is_set():
-            from .errors import Cancelled
+            from ..errors import Cancelled
 
             raise Cancelled()
         candidates = []
@@ -276,7 +278,7 @@ def discover_folder(
             path = Path(dirpath) / name
             if _is_volume_file(name):
                 found.items.append(_file_item(path))
-            elif name.lower().endswith(".dcm") or _is_dicom_file(path):
+            elif name.lower().endswith(".dcm") or is_dicom_file(path):
                 candidates.append(path)
         if candidates:
             series, skipped = scan_dicom_files(candidates)

@@ -1,4 +1,4 @@
-"""The embedding file format and the rules for mixing embeddings.
+"""The embedding file format: one ``.npz`` per volume, and the metadata that says what made it.
 
 One ``.npz`` per volume, readable with ``numpy.load(path, allow_pickle=False)``:
 
@@ -8,14 +8,11 @@ One ``.npz`` per volume, readable with ``numpy.load(path, allow_pickle=False)``:
                CLS block (planes, d) follows.
 ``metadata``   a 0-d unicode array holding JSON (see :func:`build_metadata`).
 
-Anything that consumes embeddings (a CSV, a probe, the Slicer modules)
-compares :data:`SETTINGS_KEYS` and refuses to mix embeddings that differ,
-with a message naming each difference.
+Which metadata must agree for two embeddings to be mixed is :mod:`.settings`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -23,26 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_write
-from .errors import InputError, MetadataMismatch
+from ..atomic import atomic_write
+from ..errors import InputError
+from ..version import __version__
+from .settings import settings_of
 
 FORMAT_NAME = "raptor-embedding"
 FORMAT_VERSION = 1
-
-SETTINGS_KEYS = (
-    "format_version",
-    "weight_sha256",
-    "k",
-    "seed",
-    "projection_sha256",
-    "planes",
-    "grid",
-    "image_size",
-    "preset",
-    "keep_cls",
-)
-"""Metadata that must be equal for two embeddings to be comparable."""
 
 
 @dataclass
@@ -107,41 +91,6 @@ class Embedding:
         if vector.ndim != 1 or vector.size != int(metadata.get("n_features", -1)):
             raise InputError(f"{path}: embedding has {vector.size} values, metadata says {metadata.get('n_features')}")
         return cls(vector=vector, metadata=metadata)
-
-
-def settings_of(metadata: dict) -> dict:
-    """The part of the metadata that decides whether embeddings are comparable."""
-    return {key: metadata.get(key) for key in SETTINGS_KEYS}
-
-
-def settings_hash(metadata: dict) -> str:
-    """A short stable hash of the settings, used to key resumable batches."""
-    canonical = json.dumps(settings_of(metadata), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def describe_differences(a: dict, b: dict) -> list[str]:
-    """Human-readable differences between two settings dicts (empty when compatible)."""
-    out = []
-    for key in SETTINGS_KEYS:
-        va, vb = a.get(key), b.get(key)
-        if va != vb:
-            if key == "weight_sha256":
-                out.append(
-                    f"encoder weights differ ({a.get('encoder', '?')} {str(va)[:12]} vs {b.get('encoder', '?')} {str(vb)[:12]})"
-                )
-            elif key.endswith("sha256"):
-                out.append(f"{key} {str(va)[:12]} vs {str(vb)[:12]}")
-            else:
-                out.append(f"{key} {va!r} vs {vb!r}")
-    return out
-
-
-def check_compatible(expected: dict, actual: dict, what: str) -> None:
-    """Raise :class:`MetadataMismatch` naming every setting that differs."""
-    diffs = describe_differences(expected, actual)
-    if diffs:
-        raise MetadataMismatch(f"{what}: embedding settings differ: " + "; ".join(diffs))
 
 
 def build_metadata(**fields) -> dict:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .batchtable import iter_rows
-from .errors import RaptorError
+from ..errors import RaptorError
+from .stream import iter_rows
 
 ROWS_PER_GROUP = 256
 

@@ -1,13 +1,13 @@
-"""Embedding CSVs too big to load: index them as a stream, append to them, copy rows between them.
+"""Embedding CSVs as a stream: index them, append to them, copy rows between them, never load them.
 
 A cohort table is large (a default Raptor row has 76,800 features, about
 1 MB of text; 100,000 series make a 100 GB CSV), so a resumed job or a merge
-must never hold the features in memory the way :func:`.tables.read_table`
+must never hold the features in memory the way :func:`.table.read_table`
 does.  Here a table is read one line at a time and only the identifying
 columns before ``e0`` are parsed; the features are counted, not converted.
 
-Rows are the ones :mod:`.tables` writes (same columns, same quoting), and
-appends go through :class:`.tables.TableAppender` (one ``write`` + ``fsync``
+Rows are the ones :mod:`.csv_format` describes (same columns, same quoting), and
+appends go through :class:`TableAppender` (one ``write`` + ``fsync``
 per row), so a killed job leaves at most a torn last line, which
 :func:`repair_tail` removes by reading only the end of the file.
 """
@@ -15,20 +15,27 @@ per row), so a killed job leaves at most a torn last line, which
 from __future__ import annotations
 
 import csv
-import io
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import functools
-
 import numpy as np
 
-from .atomic import atomic_write_text
-from .embedding import SETTINGS_KEYS, Embedding, check_compatible, settings_of
-from .errors import InputError, MetadataMismatch
-from .tables import FEATURE_RE, META_COLUMNS, TableAppender, _meta_value, _parse_setting
+from ..atomic import atomic_write_text
+from ..errors import InputError, MetadataMismatch
+from .csv_format import (
+    FEATURE_RE,
+    META_COLUMNS,
+    csv_line,
+    embedding_row,
+    header_for,
+    meta_value,
+    parse_setting,
+)
+from .embedding import Embedding
+from .settings import SETTINGS_KEYS, check_compatible, settings_of
 
 PREFIX_PARSE_BYTES = 1 << 16  # identifying columns are far shorter than this
 FORMAT_CHUNK = 2048  # floats formatted per C call (about half a millisecond)
@@ -36,14 +43,9 @@ FORMAT_CHUNK = 2048  # floats formatted per C call (about half a millisecond)
 
 @functools.lru_cache(maxsize=4)
 def _chunk_format(n: int) -> str:
-    """``%.9g`` like :func:`.tables.embedding_row`: 9 significant digits round-trip float32 exactly."""
+    """``%.9g`` like :func:`.csv_format.embedding_row`: 9 significant digits round-trip float32 exactly."""
     return ",".join(["%.9g"] * n)
 
-
-def _line(values: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(list(values))
-    return buffer.getvalue()
 
 
 def repair_tail(path: str | Path) -> int:
@@ -112,7 +114,7 @@ def first_feature_column(header: Sequence[str], path: Path | str) -> int:
 
 
 def _row_settings(prefix: dict[str, str]) -> dict:
-    settings = {k: _parse_setting(k, prefix.get(k, "")) for k in SETTINGS_KEYS}
+    settings = {k: parse_setting(k, prefix.get(k, "")) for k in SETTINGS_KEYS}
     settings["encoder"] = prefix.get("encoder", "")
     return settings
 
@@ -124,7 +126,7 @@ def _split_prefix(raw: bytes, header: list[str], n_prefix: int, path: Path, line
     fields = next(csv.reader([head]), [])
     if len(fields) > n_prefix:
         prefix = fields[:n_prefix]
-        written = _line(prefix)[:-1].encode("utf-8") + b","
+        written = csv_line(prefix)[:-1].encode("utf-8") + b","
         if raw.startswith(written):
             tail = raw[len(written) :].rstrip(b"\r\n")
             if tail.count(b",") + 1 + n_prefix == expected and b'"' not in tail:
@@ -219,8 +221,51 @@ def read_line_at(path: Path, offset: int) -> bytes:
         return handle.readline()
 
 
+class TableAppender:
+    """Append rows to a CSV one at a time, durably, checking every row's settings.
+
+    Opening an existing table repairs a torn last line and refuses to mix
+    settings (the header and the first row fix them).
+    """
+
+    def __init__(self, path: str | Path, extra_columns: Sequence[str] = ()) -> None:
+        self.path = Path(path)
+        self.extra_columns = list(extra_columns)
+        self.header: list[str] | None = None
+        self.settings: dict | None = None
+        self.ids: set[str] = set()
+        # Streamed, never loaded: a resumed cohort table can be far larger than memory.
+        if self.path.exists():
+            repair_tail(self.path)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            existing = index_table(self.path)
+            self.header = existing.header
+            self.settings = existing.settings
+            self.ids = set(existing.ids)
+
+    def append(self, embedding: Embedding, extra: dict | None = None) -> None:
+        if self.settings is not None:
+            check_compatible(self.settings, settings_of(embedding.metadata), f"{self.path} vs {embedding.id}")
+        text = ""
+        if self.header is None:
+            self.header = header_for(embedding, self.extra_columns)
+            self.settings = settings_of(embedding.metadata)
+            text += csv_line(self.header)
+        row = embedding_row(embedding, extra)
+        expected = sum(1 for h in self.header if FEATURE_RE.match(h))
+        if embedding.vector.size != expected:
+            raise MetadataMismatch(f"{self.path}: {embedding.id} has {embedding.vector.size} features, the table {expected}")
+        text += csv_line(row.get(h, "") for h in self.header)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.ids.add(embedding.id)
+
+
 class StreamingAppender(TableAppender):
-    """A :class:`.tables.TableAppender` that opens a big table without loading it.
+    """A :class:`TableAppender` that opens a big table without loading it.
 
     The header is fixed up front (the job knows its columns and feature
     count before the first row), so even a table with no rows yet says what
@@ -246,10 +291,10 @@ class StreamingAppender(TableAppender):
                 raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
             self.ids = set(existing.ids)
         else:
-            atomic_write_text(self.path, _line(self.header))
+            atomic_write_text(self.path, csv_line(self.header))
 
     def format_row(self, embedding: Embedding, extra: dict | None = None) -> bytes:
-        """The row exactly as :func:`.tables.embedding_row` would write it, formatted in small chunks.
+        """The row exactly as :func:`.csv_format.embedding_row` would write it, formatted in small chunks.
 
         Safe to call from a writer thread: formatting 76,800 floats takes tens
         of milliseconds, and doing it in chunks lets the thread that feeds the
@@ -261,8 +306,8 @@ class StreamingAppender(TableAppender):
             raise MetadataMismatch(f"{self.path}: {embedding.id} has {embedding.vector.size} features, the table {n_features}")
         values = {"id": embedding.id}
         values.update({k: "" if v is None else str(v) for k, v in (extra or {}).items()})
-        values.update({k: _meta_value(embedding.metadata, k) for k in META_COLUMNS})
-        prefix = _line([values.get(h, "") for h in self.header[:n_prefix]])[:-1]
+        values.update({k: meta_value(embedding.metadata, k) for k in META_COLUMNS})
+        prefix = csv_line([values.get(h, "") for h in self.header[:n_prefix]])[:-1]
         floats = np.asarray(embedding.vector, dtype=np.float32).astype(np.float64).tolist()
         chunks = []
         for start in range(0, len(floats), FORMAT_CHUNK):
@@ -299,4 +344,4 @@ def _header_difference(path: Path, found: list[str], wanted: list[str]) -> str:
     return f"{path}: was written with other columns ({detail}); use another output file"
 
 
-__all__ = ["repair_tail", "index_table", "iter_rows", "TableIndex", "StreamingAppender", "read_line_at", "first_feature_column"]
+__all__ = ["TableAppender", "repair_tail", "index_table", "iter_rows", "TableIndex", "StreamingAppender", "read_line_at", "first_feature_column"]

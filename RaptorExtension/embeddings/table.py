@@ -1,70 +1,26 @@
-"""Embedding tables: one CSV row per volume.
+"""Embedding tables read and written whole: :func:`read_table` for probes and ``raptor info``.
 
-Columns, in order: ``id``; any extra identifying columns (DICOM UIDs, node
-name); the metadata columns :data:`META_COLUMNS`; then the features
-``e0 ... eN``.  Floats are written with 9 significant digits, which round-trips
-float32 exactly, so a CSV row equals the ``.npz`` embedding bit for bit.
-
-Rows are appended with one ``write`` + ``fsync`` each, so a killed job leaves at
-most one torn last line, which :func:`read_table` detects and
-:func:`.batchtable.repair_tail` removes before a resumed job appends again.
+The columns are :mod:`.csv_format`'s.  Rows are appended with one ``write`` +
+``fsync`` each (:mod:`.stream`), so a killed job leaves at most one torn last
+line, which :func:`read_table` detects and :func:`.stream.repair_tail` removes
+before a resumed job appends again.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .embedding import SETTINGS_KEYS, Embedding, check_compatible, settings_of
-from .errors import InputError, MetadataMismatch
-
-META_COLUMNS = ("source", "modality", "format_version", "encoder", *SETTINGS_KEYS[1:], "settings_hash")
-"""Metadata columns of a table: provenance, the comparable settings (with the encoder's name), their hash."""
-FEATURE_RE = re.compile(r"^e(\d+)$")
-
-
-def feature_columns(n: int) -> list[str]:
-    return [f"e{i}" for i in range(n)]
-
-
-def _meta_value(meta: dict, key: str) -> str:
-    value = meta.get(key)
-    if key == "planes":
-        return "|".join(value or [])
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def embedding_row(embedding: Embedding, extra: dict | None = None) -> dict:
-    """One table row (all strings) for an embedding."""
-    row = {"id": embedding.id}
-    row.update({k: "" if v is None else str(v) for k, v in (extra or {}).items()})
-    meta = embedding.metadata
-    for key in META_COLUMNS:
-        row[key] = _meta_value(meta, key)
-    row.update(zip(feature_columns(embedding.vector.size), (format(float(v), ".9g") for v in embedding.vector)))
-    return row
-
-
-def header_for(embedding: Embedding, extra_columns: Sequence[str] = ()) -> list[str]:
-    return ["id", *extra_columns, *META_COLUMNS, *feature_columns(embedding.vector.size)]
-
-
-def _line(values: Iterable[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(list(values))
-    return buffer.getvalue()
+from ..atomic import atomic_write_text
+from ..errors import InputError
+from .csv_format import FEATURE_RE, csv_line, embedding_row, header_for, parse_setting
+from .embedding import Embedding
+from .settings import SETTINGS_KEYS, check_compatible
 
 
 def write_table(path: str | Path, embeddings: Sequence[Embedding], extras: Sequence[dict] | None = None) -> Path:
@@ -77,57 +33,12 @@ def write_table(path: str | Path, embeddings: Sequence[Embedding], extras: Seque
     extras = list(extras or [{} for _ in embeddings])
     extra_columns = list(dict.fromkeys(k for x in extras for k in x))
     header = header_for(first, extra_columns)
-    text = _line(header) + "".join(
-        _line(embedding_row(e, {c: x.get(c, "") for c in extra_columns}).get(h, "") for h in header)
+    text = csv_line(header) + "".join(
+        csv_line(embedding_row(e, {c: x.get(c, "") for c in extra_columns}).get(h, "") for h in header)
         for e, x in zip(embeddings, extras)
     )
     atomic_write_text(path, text)
     return Path(path)
-
-
-class TableAppender:
-    """Append rows to a CSV one at a time, durably, checking every row's settings.
-
-    Opening an existing table repairs a torn last line and refuses to mix
-    settings (the header and the first row fix them).
-    """
-
-    def __init__(self, path: str | Path, extra_columns: Sequence[str] = ()) -> None:
-        self.path = Path(path)
-        self.extra_columns = list(extra_columns)
-        self.header: list[str] | None = None
-        self.settings: dict | None = None
-        self.ids: set[str] = set()
-        # Streamed, never loaded: a resumed cohort table can be far larger than memory.
-        from .batchtable import index_table, repair_tail
-
-        if self.path.exists():
-            repair_tail(self.path)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            existing = index_table(self.path)
-            self.header = existing.header
-            self.settings = existing.settings
-            self.ids = set(existing.ids)
-
-    def append(self, embedding: Embedding, extra: dict | None = None) -> None:
-        if self.settings is not None:
-            check_compatible(self.settings, settings_of(embedding.metadata), f"{self.path} vs {embedding.id}")
-        text = ""
-        if self.header is None:
-            self.header = header_for(embedding, self.extra_columns)
-            self.settings = settings_of(embedding.metadata)
-            text += _line(self.header)
-        row = embedding_row(embedding, extra)
-        expected = sum(1 for h in self.header if FEATURE_RE.match(h))
-        if embedding.vector.size != expected:
-            raise MetadataMismatch(f"{self.path}: {embedding.id} has {embedding.vector.size} features, the table {expected}")
-        text += _line(row.get(h, "") for h in self.header)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.ids.add(embedding.id)
 
 
 @dataclass
@@ -143,20 +54,6 @@ class Table:
 
     def row_metadata(self, i: int) -> dict:
         return {k: v[i] for k, v in self.columns.items()}
-
-
-def _parse_setting(key: str, value: str):
-    if value == "":
-        return None
-    if key in ("k", "seed", "image_size", "format_version"):
-        return int(value)
-    if key == "grid":
-        return value if value == "native" else int(value)
-    if key == "keep_cls":
-        return value.lower() == "true"
-    if key == "planes":
-        return value.split("|")
-    return value
 
 
 def read_table(path: str | Path, *, require_settings: bool = True) -> Table:
@@ -199,10 +96,10 @@ def read_table(path: str | Path, *, require_settings: bool = True) -> Table:
         raise InputError(f"{path}: id {dup!r} appears more than once")
     settings = None
     if all(k in columns for k in SETTINGS_KEYS) and ids:
-        settings = {k: _parse_setting(k, columns[k][0]) for k in SETTINGS_KEYS}
+        settings = {k: parse_setting(k, columns[k][0]) for k in SETTINGS_KEYS}
         settings["encoder"] = columns.get("encoder", [""])[0]
         for r in range(1, len(ids)):
-            row_settings = {k: _parse_setting(k, columns[k][r]) for k in SETTINGS_KEYS}
+            row_settings = {k: parse_setting(k, columns[k][r]) for k in SETTINGS_KEYS}
             row_settings["encoder"] = columns.get("encoder", [""])[r]
             check_compatible(settings, row_settings, f"{path}: row {ids[r]!r} vs row {ids[0]!r}")
     elif require_settings and ids:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
-from .names import DEFAULT_MODEL, KNOWN_MODELS
+from ..errors import ModelError
+from ..names import DEFAULT_MODEL, KNOWN_MODELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -270,7 +270,12 @@ def random_dinov2(
     Speed does not depend on the weights, so ``hidden_size=1024, layers=24,
     heads=16`` stands in for DINOv2-L without downloading it.
     """
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     cls_config, cls_model = (
         (Dinov2WithRegistersConfig, Dinov2WithRegistersModel) if registers else (Dinov2Config, Dinov2Model)

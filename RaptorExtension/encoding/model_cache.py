@@ -26,8 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .errors import ModelError
+from ..atomic import atomic_write_text
+from ..errors import ModelError
 
 CACHE_ENV = "RAPTOR_MODEL_CACHE"
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".md")

@@ -3,13 +3,12 @@
 :class:`Embedder` holds the loaded encoder and the projection, so Slicer (and
 a long batch) loads the model once and embeds many volumes.  Preparation
 (intensity preset, isotropic resampling) runs on the encoder's device.
-Reading the next volumes from disk runs in background threads while the GPU
-encodes the current ones (:func:`prefetch`).
+Reading the next volumes from disk runs in background threads or processes
+while the GPU encodes the current ones (:mod:`..volumes.prefetch`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,15 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .embedding import Embedding, build_metadata, settings_hash
-from .errors import RaptorError
-from .intensity import IntensityPreset, normalize, resolve_preset
+from ..embeddings.embedding import Embedding, build_metadata
+from ..embeddings.settings import settings_hash
+from ..errors import RaptorError
+from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
+from ..volumes.prefetch import prefetch
+from ..volumes.resample import resample_to_cube
+from ..volumes.volume import Volume, VolumeRef, validate_volume
 from .model import DEFAULT_MODEL, Encoder, load_encoder
 from .projection import GENERATOR_NAME, gaussian_projection, projection_sha256
-from .readers import VolumeRef
-from .resample import resample_to_cube
 from .triaxial import PLANES, TriaxialEncoder, TriaxialResult
-from .volume import Volume, validate_volume
 
 DEFAULT_GRID = 256
 
@@ -210,7 +210,7 @@ class Embedder:
         A volume that fails to read or prepare yields an error message and the
         others go on; errors in the encoder itself (GPU, model) propagate.
         ``loader="processes"`` reads in ``readers`` processes instead of
-        threads (see :mod:`.loaders`; the refs must be picklable).
+        threads (see :mod:`..volumes.prefetch`; the refs must be picklable).
         """
         failures: list[tuple[VolumeRef, str]] = []
         prepared: dict[int, tuple[VolumeRef, PreparedVolume, float]] = {}
@@ -250,51 +250,4 @@ def _by_id(progress: ProgressCallback | None, prepared: dict) -> Callable[[Any, 
     return report
 
 
-def prefetch(
-    refs: Iterable[VolumeRef], workers: int = 2, depth: int = 2, *, processes: bool = False
-) -> Iterator[tuple[VolumeRef, Volume | BaseException]]:
-    """Load volumes in background threads, in order, at most ``depth`` ahead.
-
-    The next scans are read while the GPU encodes the current one.  Slicer's
-    VTK/ITK readers hold the GIL for much of a read (measured: a Python loop
-    ran at 15-20% speed beside a reading thread), so outside Slicer a long
-    batch should use ``processes`` (:mod:`.loaders`); threads remain the safe
-    choice inside Slicer.  Errors are returned, not
-    raised, so one unreadable file does not stop the others.  With
-    ``processes`` the reads run in loader processes (:mod:`.loaders`), for
-    readers that hold the GIL.
-    """
-    if processes and workers > 0:
-        from .loaders import prefetch_in_processes
-
-        yield from prefetch_in_processes(refs, workers, depth)
-        return
-    refs = iter(refs)
-    if workers <= 0:
-        for ref in refs:
-            try:
-                yield ref, ref.load()
-            except RaptorError as exc:
-                yield ref, exc
-        return
-
-    def load(ref: VolumeRef):
-        try:
-            return ref.load()
-        except RaptorError as exc:
-            return exc
-        except Exception as exc:  # an unexpected reader failure becomes a per-volume error
-            return RaptorError(f"{ref.source}: could not be read ({type(exc).__name__}: {exc})")
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raptor-read") as pool:
-        pending: list[tuple[VolumeRef, concurrent.futures.Future]] = []
-        for ref in refs:
-            pending.append((ref, pool.submit(load, ref)))
-            if len(pending) > depth:
-                head, future = pending.pop(0)
-                yield head, future.result()
-        for head, future in pending:
-            yield head, future.result()
-
-
-__all__ = ["EmbedSettings", "Embedder", "prefetch", "DEFAULT_GRID"]
+__all__ = ["EmbedSettings", "Embedder", "DEFAULT_GRID"]

@@ -17,7 +17,7 @@ import hashlib
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 GENERATOR_NAME = "pcg64-raw-boxmuller-float64-to-float32"
 

@@ -24,10 +24,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import Cancelled, ModelError
+from ..errors import Cancelled, ModelError
+from ..names import PLANES
 from .model import Encoder
-from .names import PLANES
-
 
 
 class CancelToken(Protocol):

@@ -50,13 +50,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .embedding import Embedding, settings_of
-from .errors import RaptorError
-from .intensity import resolve_preset
-from .pipeline import Embedder, EmbedSettings
+from ..embeddings.embedding import Embedding
+from ..embeddings.settings import settings_of
+from ..encoding.pipeline import Embedder, EmbedSettings
+from ..encoding.triaxial import PLANES
+from ..errors import RaptorError
+from ..volumes.intensity import resolve_preset
+from ..volumes.volume import Volume
 from .probe import Probe
-from .triaxial import PLANES
-from .volume import Volume
 
 
 @dataclass

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedding import SETTINGS_KEYS, Embedding, describe_differences
-from .errors import Cancelled, InputError, MetadataMismatch, RaptorError
+from ..embeddings.embedding import Embedding
+from ..embeddings.settings import SETTINGS_KEYS, describe_differences
+from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
 from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
-from .probe_io import PROBE_SUFFIX, read_probe_file, write_probe_file
+from .probe_file import PROBE_SUFFIX, read_probe_file, write_probe_file
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 MODELS = ("logistic", "ridge", "mlp")
@@ -114,7 +115,7 @@ def load_embeddings(inputs: Iterable[str | Path]) -> EmbeddingSet:
             if not files:
                 raise InputError(f"{path}: folder holds no .npz embeddings")
         elif path.suffix.lower() == ".csv":
-            from .tables import read_table
+            from ..embeddings.table import read_table
 
             table = read_table(path)
             description = dict(table.settings or {})

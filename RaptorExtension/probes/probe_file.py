@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_write
-from .errors import InputError
+from ..atomic import atomic_write
+from ..errors import InputError
+from ..version import __version__
 
 PROBE_FORMAT = "raptor-probe"
 PROBE_FORMAT_VERSION = 1

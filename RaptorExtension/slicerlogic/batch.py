@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Cancelled, RaptorError
+from ..errors import Cancelled, RaptorError
 
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 
@@ -47,7 +47,7 @@ class BatchLogic:
     """Runs one cohort batch at a time in a worker thread, reusing the embed logic's loaded model."""
 
     def __init__(self, embedLogic=None) -> None:
-        from .mrml_embed import EmbedLogic
+        from .embed import EmbedLogic
 
         self.embedLogic = embedLogic if embedLogic is not None else EmbedLogic()
         self._queue: queue.Queue = queue.Queue()
@@ -60,8 +60,8 @@ class BatchLogic:
     def discoverSlicerDatabase(modalities: Sequence[str] = ("CT", "MR"), minSlices: int = 0,
                                description: str | None = None, database=None):
         """Series of Slicer's DICOM database that pass the filters (call on the main thread)."""
-        from .dicomdb import discover_slicer_database
-        from .sources import SeriesFilter
+        from ..cohort.dicomdb import discover_slicer_database
+        from ..cohort.sources import SeriesFilter
 
         found, _skipped = discover_slicer_database(
             SeriesFilter(modalities=tuple(modalities), min_slices=minSlices, description=description or None),
@@ -83,8 +83,8 @@ class BatchLogic:
         completionCallback: Callable | None = None,
     ) -> BatchRun:
         """Start embedding ``items`` (series listed on the main thread) into ``csvPath``."""
-        from .anonymize import Anonymizer
-        from .batch import BatchJob, BatchSources
+        from ..cohort.anonymize import Anonymizer
+        from ..cohort.job import BatchJob, BatchSources
 
         if self.isRunning():
             raise RaptorError("a batch is already running; cancel it or wait for it to finish")
@@ -111,7 +111,7 @@ class BatchLogic:
 
     def _work(self, run: BatchRun, job) -> None:
         """Worker thread: never touches MRML or Qt; reports through the queue."""
-        from .batch import run_batch
+        from ..cohort.run import run_batch
 
         try:
             embedder = self.embedLogic.embedderFor(job.settings)

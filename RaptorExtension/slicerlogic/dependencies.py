@@ -23,7 +23,7 @@ import logging
 import re
 from pathlib import Path
 
-from .errors import RaptorError
+from ..errors import RaptorError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ SLICER_BUNDLED = ("numpy", "vtk", "simpleitk", "pydicom", "torch", "torchvision"
 
 
 def requirements_file() -> Path:
-    """``requirements.txt``: beside this package when installed in Slicer, else the source tree's ``Resources/``."""
-    here = Path(__file__).resolve().parent
+    """``requirements.txt``: in the ``RaptorExtension`` folder when installed in Slicer, else the source tree's ``Resources/``."""
+    here = Path(__file__).resolve().parent.parent  # RaptorExtension/
     for candidate in (here / "requirements.txt", here.parent / "Resources" / "requirements.txt"):
         if candidate.is_file():
             return candidate

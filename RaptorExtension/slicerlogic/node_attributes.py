@@ -22,8 +22,8 @@ import json
 
 import numpy as np
 
-from .embedding import FORMAT_NAME, FORMAT_VERSION, Embedding
-from .errors import InputError
+from ..embeddings.embedding import FORMAT_NAME, FORMAT_VERSION, Embedding
+from ..errors import InputError
 
 EMBEDDING_ATTRIBUTE = "Raptor.Embedding"
 METADATA_ATTRIBUTE = "Raptor.Metadata"

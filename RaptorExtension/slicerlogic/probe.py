@@ -22,10 +22,7 @@ RaptorEmbed logic); scripts can pass ``embedHook`` to do the same here.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .embedding import Embedding
-from .errors import Cancelled, InputError, RaptorError
+from ..embeddings.embedding import Embedding
+from ..errors import Cancelled, InputError, RaptorError
+from ..probes.probe import Probe
 from .node_attributes import node_label, read_embedding
-from .probe import Probe
 
 SCORES_TABLE_PREFIX = "Raptor scores: "
 HEATMAP_ATTRIBUTE = "Raptor.HeatmapOf"
@@ -54,44 +51,6 @@ PLANE_COLORS = {"axial": (0.95, 0.33, 0.27), "coronal": (0.43, 0.69, 0.31), "sag
 
 # ---------------------------------------------------------------------------
 # Files
-
-
-def save_heatmap(heatmap: np.ndarray, ijk_to_ras: np.ndarray, path: str | Path) -> Path:
-    """Write a (K, J, I) float array with its IJK-to-RAS through Slicer's volume writer, atomically."""
-    import slicer
-
-    path = Path(path)
-    name = path.name.lower()
-    suffix = next((s for s in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd") if name.endswith(s)), None)
-    if suffix is None:
-        raise InputError(f"{path}: heatmap must be written as .nrrd, .nii.gz, .nii or .mha")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "heatmap")
-    _fill_volume_node(node, heatmap, ijk_to_ras)
-    storage = node.CreateDefaultStorageNode()
-    scene.AddNode(storage)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        storage.SetFileName(tmp)
-        storage.SetUseCompression(1)
-        if not storage.WriteData(node):
-            raise InputError(f"{path}: Slicer could not write the heatmap")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
-
-
-def _fill_volume_node(node, array: np.ndarray, ijk_to_ras: np.ndarray) -> None:
-    import slicer
-
-    from .readers import numpy_to_matrix
-
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
-    node.SetIJKToRASMatrix(numpy_to_matrix(np.asarray(ijk_to_ras, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +142,7 @@ class ProbeLogic:
         if embedding is None:
             if self.embedHook is None:
                 raise RaptorError(f"{node_label(volumeNode)}: has no Raptor embedding yet; embed it with RaptorEmbed first")
-            from .explain import embed_settings_for
+            from ..probes.explain import embed_settings_for
 
             embedding = self.embedHook(volumeNode, embed_settings_for(probe))
         probe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), node_label(volumeNode))
@@ -257,7 +216,7 @@ class ProbeLogic:
         """An :class:`Embedder` for these settings, reusing a loaded model (or RaptorEmbed's, via the provider)."""
         if self.embedderProvider is not None:
             return self.embedderProvider(settings)
-        from .pipeline import Embedder
+        from ..encoding.pipeline import Embedder
 
         key = (settings.model, settings.device, settings.image_size, settings.cache_dir)
         cached = self._embedders.get(key)
@@ -274,8 +233,8 @@ class ProbeLogic:
         With ``waitForCompletion`` this blocks and returns the :class:`ExplainJob`
         (its ``explanation`` and ``nodes`` filled in) or raises the error.
         """
-        from .explain import embed_settings_for
-        from .readers import volume_from_node
+        from ..probes.explain import embed_settings_for
+        from ..volumes.slicer_io import volume_from_node
 
         if self.job is not None and not self.job.finished:
             raise RaptorError("an explanation is already running; cancel it or wait for it")
@@ -303,7 +262,7 @@ class ProbeLogic:
 
     def _work(self, job: ExplainJob, volume, settings) -> None:
         """Worker thread: no MRML here."""
-        from .explain import explain_volume
+        from ..probes.explain import explain_volume
 
         try:
             embedder = self.embedderFor(settings)
@@ -515,4 +474,4 @@ def _node_named(scene, class_name: str, name: str):
     return None
 
 
-__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob", "save_heatmap"]
+__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob"]

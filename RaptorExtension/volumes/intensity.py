@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RaptorError
-from .names import PRESETS
+from ..errors import RaptorError
+from ..names import PRESETS
 
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 MRI_PERCENTILES = (0.5, 99.5)

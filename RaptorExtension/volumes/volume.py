@@ -8,11 +8,14 @@ volume read here and the same file loaded in Slicer have identical geometry.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass
@@ -74,3 +77,30 @@ def validate_volume(volume: Volume) -> None:
     m = np.asarray(volume.ijk_to_ras, dtype=np.float64)
     if m.shape != (4, 4) or not np.isfinite(m).all() or abs(np.linalg.det(m[:3, :3])) < 1e-12:
         raise InputError(f"{name}: has an invalid IJK-to-RAS matrix")
+
+
+SLICER_VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+@dataclass
+class VolumeRef:
+    """A volume that can be loaded later: its id, where it comes from, and how."""
+
+    id: str
+    source: str
+    loader: Callable[[], Volume] = field(repr=False)
+
+    def load(self) -> Volume:
+        volume = self.loader()
+        validate_volume(volume)
+        return volume
+
+
+def volume_id_from_path(path: Path) -> str:
+    """A file-name-safe id: the file name without volume suffixes."""
+    name = path.name
+    for suffix in (".nii.gz",) + SLICER_VOLUME_SUFFIXES + (".npy", ".npz", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "volume"

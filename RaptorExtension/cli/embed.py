@@ -1,0 +1,160 @@
+"""``raptor embed`` (volumes to ``.npz`` files and/or CSV rows) and ``raptor info`` (what made an embedding)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import RaptorError
+from .options import add_embedding_options, non_negative_int, settings_from_args
+
+
+def add_embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed volumes (files, DICOM series folders, MedMNIST .npz)",
+                       description="Embed CT/MR volumes with a frozen ViT along three planes.")
+    p.add_argument("inputs", nargs="+", help="NRRD, NIfTI, MetaImage, a DICOM series folder, .npy, or .npz[#test_17]")
+    p.add_argument("--out-dir", "-o", default=None, help="write one ID.npz per volume here (default ./raptor_embeddings unless --csv)")
+    p.add_argument("--csv", default=None, help="also (or only) write one CSV row per volume to this file")
+    p.add_argument("--skip-existing", action="store_true", help="skip volumes whose output already exists with the same settings (resume)")
+    p.add_argument("--continue-on-error", action="store_true", help="log failing volumes to the errors file and go on")
+    p.add_argument("--errors", default=None, help="errors CSV (default OUT_DIR/raptor_errors.csv or next to --csv)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--readers", type=non_negative_int, default=2,
+                   help="volumes read ahead while the encoder works (0: read in turn; default 2)")
+    p.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"),
+                   help="how read-ahead runs (default: processes for several inputs outside Slicer, else threads)")
+    add_embedding_options(p)
+    p.set_defaults(func=run_embed)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from ..cohort.errorlog import ErrorLog
+    from ..embeddings.stream import TableAppender
+    from ..encoding.model import model_summary
+    from ..encoding.pipeline import Embedder
+    from ..volumes.prefetch import resolve_loader
+    from ..volumes.readers import expand_input
+    from .progress import Progress
+
+    out_dir = Path(args.out_dir) if args.out_dir else (None if args.csv else Path("raptor_embeddings"))
+    errors_path = Path(args.errors) if args.errors else (
+        (out_dir / "raptor_errors.csv") if out_dir else Path(args.csv).with_name(Path(args.csv).stem + "_errors.csv")
+    )
+    errors = ErrorLog(errors_path)
+    refs = []
+    for spec in args.inputs:
+        try:
+            refs.extend(expand_input(spec))
+        except RaptorError as exc:
+            if not args.continue_on_error:
+                raise
+            errors.add(spec, spec, str(exc))
+            print(f"raptor: skipped: {exc}", file=sys.stderr)
+    ids = [r.id for r in refs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
+
+    settings = settings_from_args(args)
+    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    embedder = Embedder(settings)
+    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    table = TableAppender(args.csv) if args.csv else None
+
+    todo = []
+    skipped = 0
+    for ref in refs:
+        if args.skip_existing and _already_done(ref, out_dir, table, embedder):
+            skipped += 1
+            continue
+        todo.append(ref)
+
+    progress = Progress(total_volumes=len(todo), enabled=not args.quiet)
+    done = failed = 0
+    try:
+        # Slicer's readers hold the GIL, so for several inputs read-ahead runs in processes.
+        loader = "threads" if args.loader == "auto" and len(todo) < 2 else resolve_loader(args.loader, args.readers)
+        for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices, readers=args.readers,
+                                                         loader=loader):
+            if error is not None:
+                failed += 1
+                errors.add(ref.id, ref.source, error)
+                progress.write(f"raptor: failed: {error}")
+                progress.volume_done()
+                if not args.continue_on_error:
+                    break
+                continue
+            if out_dir is not None:
+                embedding.save(out_dir / f"{ref.id}.npz")
+            if table is not None:
+                table.append(embedding, None)
+            done += 1
+            progress.volume_done()
+    finally:
+        progress.close()
+    where = ", ".join(str(p) for p in (out_dir, args.csv) if p)
+    print(f"raptor: embedded {done}, skipped {skipped} already done, failed {failed} -> {where}")
+    if failed or errors.count:
+        print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
+    return 1 if (failed or errors.count) else 0
+
+
+def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
+    """True when every requested output of this volume exists with this run's settings."""
+    from ..embeddings.embedding import Embedding
+    from ..embeddings.settings import describe_differences, settings_of
+    from ..volumes.intensity import resolve_preset
+
+    s = embedder.settings
+    # With --preset auto the preset depends on each volume's modality; otherwise it is fixed and must match.
+    preset = "" if s.preset == "auto" else resolve_preset(s.preset, None, s.ct_window).describe()
+    expected = settings_of(embedder.settings_metadata(preset=preset))
+    if out_dir is not None:
+        path = out_dir / f"{ref.id}.npz"
+        if not path.exists():
+            return False
+        try:
+            existing = Embedding.load(path)
+        except RaptorError:
+            return False
+        diffs = [
+            d for d in describe_differences(existing.settings(), expected) if preset or not d.startswith("preset")
+        ]
+        if diffs:
+            raise RaptorError(
+                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
+            )
+    return table is None or ref.id in table.ids
+
+
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="print an embedding's metadata")
+    p.add_argument("files", nargs="+", help=".npz embeddings or embedding CSV files")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..embeddings.embedding import Embedding
+    from ..embeddings.table import read_table
+
+    for name in args.files:
+        if name.lower().endswith(".csv"):
+            table = read_table(name)
+            info = {"file": name, "rows": len(table.ids), "features": int(table.features.shape[1]), "settings": table.settings}
+        else:
+            e = Embedding.load(name)
+            info = dict(e.metadata, file=name)
+        if args.json:
+            print(json.dumps(info, indent=2, sort_keys=True))
+            continue
+        print(f"{name}")
+        for key in sorted(info):
+            if key in ("file",):
+                continue
+            value = info[key]
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            print(f"  {key:20s} {text}")
+    return 0

@@ -1,0 +1,171 @@
+"""Planning a batch: discover the series, filter them, give each a stable id, keep this shard's.
+
+No voxel is read here: headers and database rows only.  A shard is a hash of
+the id, so adding series to a cohort never moves the old ones to another
+shard.  Also here: the identifying columns of each series' row, anonymized
+when the job says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..embeddings.csv_format import META_COLUMNS, feature_columns
+from ..embeddings.embedding import Embedding
+from ..errors import RaptorError
+from .job import BATCH_COLUMNS, BatchJob, BatchProgress, ProgressCallback
+from .sources import (
+    Discovery,
+    SeriesItem,
+    assign_ids,
+    discover_folder,
+    fill_headers,
+    read_manifest,
+    shard_of,
+)
+
+
+@dataclass
+class PlannedSeries:
+    id: str  # the row id (anonymized when the job anonymizes)
+    item: SeriesItem
+
+
+@dataclass
+class Plan:
+    series: list[PlannedSeries]  # this shard's, sorted by id
+    cohort_ids: list[str]  # every shard's, sorted
+    excluded: list[tuple[SeriesItem, str]]
+    unusable_files: list[tuple[str, str]]
+    shard: tuple[int, int]
+
+    @property
+    def cohort_sha256(self) -> str:
+        return cohort_digest(self.cohort_ids)
+
+
+def cohort_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
+
+
+def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = None) -> tuple[Discovery, list[tuple[SeriesItem, str]]]:
+    """Every series of the job's sources that passes the filters, and those left out with the reason."""
+    from .dicomdb import discover_database
+
+    filters = job.filters
+    found = Discovery()
+    excluded: list[tuple[SeriesItem, str]] = []
+    needs_modality = _preset_needs_modality(job)
+
+    def keep(items: list[SeriesItem], fill: bool) -> None:
+        for item in items:
+            if fill and (filters.needs_headers or needs_modality):
+                fill_headers(item)
+            reason = filters.exclusion(item)
+            if reason:
+                excluded.append((item, reason))
+            else:
+                found.items.append(item)
+
+    def shown(kind: str, path: str, n: int, of: int) -> str:
+        # Anonymized jobs never print a path: a folder may be named after a patient.
+        return f"{kind} {n} of {of}" if job.anonymizer else f"{kind} {path}"
+
+    for n, folder in enumerate(job.sources.folders, start=1):
+        if progress:
+            progress(BatchProgress("discovering", message=f"scanning {shown('folder', folder, n, len(job.sources.folders))}"))
+        part = discover_folder(folder, cancel=cancel)
+        found.skipped_files.extend(part.skipped_files)
+        keep(part.items, fill=False)
+    for manifest in job.sources.manifests:
+        part = read_manifest(manifest)
+        keep(part.items, fill=True)
+    for n, database in enumerate(job.sources.dicom_databases, start=1):
+        if progress:
+            progress(BatchProgress("discovering", message=f"reading {shown('database', database, n, len(job.sources.dicom_databases))}"))
+        part, left_out = discover_database(database, filters, cancel=cancel)
+        found.extend(part)
+        excluded.extend(left_out)
+    keep(list(job.sources.items), fill=True)
+    # The same series reached twice (a folder and a database holding the same files) is embedded once.
+    unique: dict[str, SeriesItem] = {}
+    for item in found.items:
+        unique.setdefault(item.key, item)
+    found.items = list(unique.values())
+    return found, excluded
+
+
+def _preset_needs_modality(job: BatchJob) -> bool:
+    settings = job.settings
+    return (getattr(settings, "preset", "auto") or "auto").lower() == "auto"
+
+
+def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = None) -> Plan:
+    """Discover, filter, name and shard the job's series (no voxel is read)."""
+    if job.sources.empty():
+        raise RaptorError("no sources: give a --folder, --manifest or --dicom-db")
+    index, count = job.shard
+    if count < 1 or not 0 <= index < count:
+        raise RaptorError(f"shard {index}/{count}: shards are numbered 0..N-1")
+    found, excluded = discover(job, cancel=cancel, progress=progress)
+    raw_ids = assign_ids(found.items, roots=job.sources.folders)
+    anonymizer = job.anonymizer
+    planned = []
+    for raw, item in zip(raw_ids, found.items):
+        row_id = anonymizer.row_id(raw, item.series_uid) if anonymizer else raw
+        planned.append(PlannedSeries(row_id, item))
+    ids = [p.id for p in planned]
+    if len(set(ids)) != len(ids):  # pragma: no cover - a 80-bit hash collision
+        raise RaptorError("two series got the same anonymized id; use another salt")
+    planned.sort(key=lambda p: p.id)
+    mine = [p for p in planned if shard_of(p.id, count) == index] if count > 1 else planned
+    return Plan(series=mine, cohort_ids=sorted(ids), excluded=excluded, unusable_files=found.skipped_files,
+                shard=(index, count))
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value or "").split())
+
+
+def row_fields(planned: PlannedSeries, embedding: Embedding, job: BatchJob) -> tuple[dict, str]:
+    """The identifying columns of a row and its source, anonymized when the job says so."""
+    item = planned.item
+    info = embedding.metadata.get("dicom") or {}
+    patient = item.patient_id or info.get("PatientID", "")
+    study = item.study_uid or info.get("StudyInstanceUID", "")
+    series = item.series_uid or info.get("SeriesInstanceUID", "")
+    description = item.description or info.get("SeriesDescription", "")
+    source = item.source
+    anonymizer = job.anonymizer
+    if anonymizer is not None:
+        description = anonymizer.redact(description, {patient: anonymizer.patient_id(patient)}) if job.keep_descriptions else ""
+        patient, study, series = anonymizer.patient_id(patient), anonymizer.uid(study), anonymizer.uid(series)
+        source = ""
+    fields = dict(zip(BATCH_COLUMNS, (_one_line(patient), _one_line(study), _one_line(series), _one_line(description))))
+    return fields, _one_line(source)
+
+
+def redaction_map(planned: PlannedSeries, job: BatchJob) -> dict[str, str]:
+    """Every string that could identify this series' patient, mapped to a stand-in."""
+    anonymizer = job.anonymizer
+    if anonymizer is None:
+        return {}
+    item = planned.item
+    secrets = {p: planned.id for p in item.paths}
+    secrets.update({os.path.dirname(p): planned.id for p in item.paths})
+    secrets.update({item.source: planned.id, item.key: planned.id, item.user_id: planned.id})
+    if item.study_uid:
+        secrets[item.study_uid] = anonymizer.uid(item.study_uid)
+    if item.series_uid:
+        secrets[item.series_uid] = anonymizer.uid(item.series_uid)
+    if item.patient_id:
+        secrets[item.patient_id] = anonymizer.patient_id(item.patient_id)
+    secrets.pop("", None)
+    return secrets
+
+
+def header_for_job(n_features: int) -> list[str]:
+    return ["id", *BATCH_COLUMNS, *META_COLUMNS, *feature_columns(n_features)]

@@ -1,0 +1,75 @@
+"""The embedding CSV's columns and how one row is written and its settings read back.
+
+Columns, in order: ``id``; any extra identifying columns (DICOM UIDs, node
+name); the metadata columns :data:`META_COLUMNS`; then the features
+``e0 ... eN``.  Floats are written with 9 significant digits, which round-trips
+float32 exactly, so a CSV row equals the ``.npz`` embedding bit for bit.
+Shared by the whole-table reader (:mod:`.table`) and the streaming one
+(:mod:`.stream`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterable, Sequence
+
+from .embedding import Embedding
+from .settings import SETTINGS_KEYS
+
+META_COLUMNS = ("source", "modality", "format_version", "encoder", *SETTINGS_KEYS[1:], "settings_hash")
+"""Metadata columns of a table: provenance, the comparable settings (with the encoder's name), their hash."""
+
+
+FEATURE_RE = re.compile(r"^e(\d+)$")
+
+
+def feature_columns(n: int) -> list[str]:
+    return [f"e{i}" for i in range(n)]
+
+
+def meta_value(meta: dict, key: str) -> str:
+    value = meta.get(key)
+    if key == "planes":
+        return "|".join(value or [])
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def embedding_row(embedding: Embedding, extra: dict | None = None) -> dict:
+    """One table row (all strings) for an embedding."""
+    row = {"id": embedding.id}
+    row.update({k: "" if v is None else str(v) for k, v in (extra or {}).items()})
+    meta = embedding.metadata
+    for key in META_COLUMNS:
+        row[key] = meta_value(meta, key)
+    row.update(zip(feature_columns(embedding.vector.size), (format(float(v), ".9g") for v in embedding.vector)))
+    return row
+
+
+def header_for(embedding: Embedding, extra_columns: Sequence[str] = ()) -> list[str]:
+    return ["id", *extra_columns, *META_COLUMNS, *feature_columns(embedding.vector.size)]
+
+
+def csv_line(values: Iterable[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(list(values))
+    return buffer.getvalue()
+
+
+def parse_setting(key: str, value: str):
+    if value == "":
+        return None
+    if key in ("k", "seed", "image_size", "format_version"):
+        return int(value)
+    if key == "grid":
+        return value if value == "native" else int(value)
+    if key == "keep_cls":
+        return value.lower() == "true"
+    if key == "planes":
+        return value.split("|")
+    return value

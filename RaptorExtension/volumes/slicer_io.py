@@ -1,0 +1,154 @@
+"""Slicer's own reader and the node <-> volume copy: the one place that touches MRML storage.
+
+Files that Slicer opens (NRRD, NIfTI, MetaImage, DICOM series) are read by the
+``slicer-core`` wheel's ``vtkMRMLVolumeArchetypeStorageNode``: the very class
+Slicer uses, so the voxel array and the IJK-to-RAS matrix are identical to what
+a user sees after loading the same file in Slicer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .volume import Volume
+
+
+@contextlib.contextmanager
+def quiet_vtk() -> Iterator[None]:
+    """Silence VTK's logger while reading: failures become our own one-line errors."""
+    import vtk
+
+    cutoff = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    warn = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(warn)
+        vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.ConvertToVerbosity(int(cutoff)))
+
+
+def matrix_to_numpy(matrix) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 float64 array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def numpy_to_matrix(array: np.ndarray):
+    """A 4x4 array as a ``vtkMatrix4x4``."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r][c]))
+    return m
+
+
+def volume_from_node(node, *, id: str, source: str, modality: str | None = None, info: dict | None = None) -> Volume:
+    """Copy a ``vtkMRMLScalarVolumeNode``'s voxels and geometry into a :class:`Volume`.
+
+    The copy is deliberate: the encoder may run in a worker thread, and a
+    Slicer node must only be touched from the main thread.
+    """
+    import slicer
+    import vtk
+
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(f"{source}: the volume holds no image data")
+    components = image.GetNumberOfScalarComponents()
+    if components != 1:
+        raise InputError(
+            f"{source}: has {components} values per voxel (a colour image or a 4D series); Raptor needs a scalar 3D volume"
+        )
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk_to_ras = matrix_to_numpy(m)
+    # A volume under a (linear) transform is embedded where Slicer shows it.
+    parent = node.GetParentTransformNode() if hasattr(node, "GetParentTransformNode") else None
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(f"{source}: is under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        ijk_to_ras = matrix_to_numpy(to_world) @ ijk_to_ras
+    return Volume(array=array, ijk_to_ras=ijk_to_ras, id=id, source=source, modality=modality, info=dict(info or {}))
+
+
+def read_with_storage_node(files: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one file, or an ordered list of DICOM slices, through Slicer's archetype reader."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(files[0])
+    if len(files) > 1:
+        storage.ResetFileNameList()
+        for f in files:
+            storage.AddFileName(f)
+        storage.SetSingleFile(0)
+    with quiet_vtk():
+        ok = storage.ReadData(node)
+    if not ok or node.GetImageData() is None:
+        raise InputError(f"{source}: Slicer could not read it as a volume ({_storage_reason(storage)})")
+    vol = volume_from_node(node, id="", source=source)
+    return vol.array, vol.ijk_to_ras
+
+
+def _storage_reason(storage) -> str:
+    """The most specific line Slicer's storage node left about a failed read."""
+    messages = storage.GetUserMessages()
+    texts = [messages.GetNthMessageText(i) for i in range(messages.GetNumberOfMessages())] if messages else []
+    for text in texts:
+        m = re.search(r"Details: (.*)", text or "")
+        if m:
+            return f"corrupt or unsupported file: {m.group(1).strip().rstrip('.')}"
+    return "corrupt or unsupported file"
+
+
+def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Path, *, what: str = "volume") -> Path:
+    """Write a (K, J, I) array with its IJK-to-RAS through Slicer's volume writer, atomically (a heatmap, say)."""
+    import slicer
+
+    path = Path(path)
+    name = path.name.lower()
+    suffix = next((s for s in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd") if name.endswith(s)), None)
+    if suffix is None:
+        raise InputError(f"{path}: a {what} must be written as .nrrd, .nii.gz, .nii or .mha")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", what)
+    fill_volume_node(node, array, ijk_to_ras)
+    storage = node.CreateDefaultStorageNode()
+    scene.AddNode(storage)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        storage.SetFileName(tmp)
+        storage.SetUseCompression(1)
+        if not storage.WriteData(node):
+            raise InputError(f"{path}: Slicer could not write the {what}")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def fill_volume_node(node, array: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    import slicer
+
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
+    node.SetIJKToRASMatrix(numpy_to_matrix(np.asarray(ijk_to_ras, dtype=np.float64)))

@@ -1,0 +1,163 @@
+"""`raptor probe fit|apply|info` and `raptor explain` end to end on small data with the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from helpers import blob_volume, oblique_matrix, write_volume
+
+from RaptorExtension.cli import main
+from RaptorExtension.probes.probe import Probe, load_embeddings
+
+SPLIT_SIZES = {"train": 20, "val": 8, "test": 8}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, tiny_model_dir):
+    """A MedMNIST-style .npz of blob / no-blob volumes, embedded with `raptor embed`, and its labels."""
+    folder = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(5)
+    arrays, rows, centres = {}, [], {}
+    for split, count in SPLIT_SIZES.items():
+        images = []
+        for i in range(count):
+            array, centre = blob_volume(rng, with_blob=i % 2 == 1)
+            images.append(array.astype(np.uint8))
+            rows.append((f"{split}_{i}", split, i % 2))
+            centres[f"{split}_{i}"] = centre
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = np.array([[i % 2] for i in range(count)])
+    np.savez(folder / "cohort.npz", **arrays)
+    (folder / "labels.csv").write_text("id,split,blob\n" + "".join(f"{i},{s},{y}\n" for i, s, y in rows))
+    code = main(["embed", str(folder / "cohort.npz"), "--model", str(tiny_model_dir), "--k", "8", "--grid", "native",
+                 "--preset", "uint8", "--device", "cpu", "--csv", str(folder / "emb.csv"), "-q"])
+    assert code == 0
+    return folder, centres
+
+
+def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
+    folder, centres = cohort
+    probe_path = tmp_path / "out" / "blob.raptorprobe"
+    assert main(["probe", "fit", str(folder / "emb.csv"), str(folder / "labels.csv"), "-o", str(probe_path), "-q"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "binary probe (logistic), C=" in out and "chosen by validation" in out
+    table = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(table) == {"train", "val", "test"} and float(table["test"][2]) > 0.8  # test AUC
+    report = json.loads((tmp_path / "out" / "blob_metrics.json").read_text())
+    assert report["metrics"]["test"]["n"] == 8 and report["selection"]["parameter"] == "C"
+    at_edge = report["selection"]["chosen"] in (0.01, 100.0)  # the paper's grid
+    assert len(report["warnings"]) == at_edge and ("raptor: warning: C=" in captured.err) == at_edge
+    assert (tmp_path / "out" / "blob_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    scores_csv = tmp_path / "scores.csv"
+    assert main(["probe", "apply", str(probe_path), str(folder / "emb.csv"), "-o", str(scores_csv)]) == 0
+    with open(scores_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["id"] for r in rows][:2] == ["train_0", "train_1"] and len(rows) == sum(SPLIT_SIZES.values())
+    assert list(rows[0]) == ["id", "predicted", "p_0", "p_1"]
+    probe = Probe.load(probe_path)
+    expected = probe.scores(load_embeddings([folder / "emb.csv"]).features)[:, 1]
+    np.testing.assert_allclose([float(r["p_1"]) for r in rows], expected, atol=1e-5)
+
+    assert main(["probe", "info", str(probe_path)]) == 0
+    info = capsys.readouterr().out
+    assert "task        binary (logistic); 0, 1" in info and "K=8" in info and "grid=native" in info and "preset=uint8" in info
+    assert main(["probe", "info", str(probe_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["embedding"]["k"] == 8
+
+    # Explain one held-out positive read from the .npz (no geometry: native grid = the array itself).
+    png, curves = tmp_path / "ex.png", tmp_path / "curves.csv"
+    target = "test_3"
+    code = main(["explain", str(probe_path), f"{folder / 'cohort.npz'}#{target}", "-o", str(png), "--curves", str(curves),
+                 "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{target}: 1 score ") and "residual" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = curves.read_text().splitlines()
+    assert lines[0] == "plane,slice,r,a,s,contribution" and len(lines) == 1 + 3 * 20
+    total = sum(float(line.split(",")[-1]) for line in lines[1:])
+    logit = float(printed.split("logit ")[1].split()[0])
+    bias = float(printed.split("bias ")[1].split()[0])
+    assert abs(logit - (bias + total)) < 1e-4
+
+
+def test_explain_writes_an_aligned_heatmap(cohort, tmp_path, capsys):
+    """A volume with real (oblique) geometry: the heatmap NRRD has the input's grid and IJK-to-RAS."""
+    import slicer
+
+    from RaptorExtension.volumes.slicer_io import matrix_to_numpy
+
+    folder, _ = cohort
+    probe_path = tmp_path / "p.raptorprobe"
+    assert main(["probe", "fit", str(folder / "emb.csv"), str(folder / "labels.csv"), "-o", str(probe_path), "-q"]) == 0
+    rng = np.random.default_rng(11)
+    array, centre = blob_volume(rng, with_blob=True)
+    matrix = oblique_matrix()
+    volume_path = write_volume(tmp_path / "scan.nrrd", array.astype(np.int16), matrix)
+    heat_path = tmp_path / "heat.nrrd"
+    assert main(["explain", str(probe_path), str(volume_path), "-o", str(tmp_path / "x.png"), "--heatmap", str(heat_path),
+                 "--slices", "mid", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(heat_path))
+    assert storage.ReadData(node)
+    heat = slicer.util.arrayFromVolume(node)
+    assert heat.shape == array.shape
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    np.testing.assert_allclose(matrix_to_numpy(m), matrix, atol=1e-5)
+    peak = np.array(np.unravel_index(np.argmax(heat), heat.shape))
+    assert np.linalg.norm(peak - centre) <= 3.0
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_cli_refusals_are_one_line(cohort, tiny_model_dir, tmp_path, capsys):
+    folder, _ = cohort
+    probe_path = tmp_path / "p.raptorprobe"
+    assert main(["probe", "fit", str(folder / "emb.csv"), str(folder / "labels.csv"), "-o", str(probe_path), "-q"]) == 0
+    capsys.readouterr()
+    # Embeddings made with another K.
+    assert main(["embed", f"{folder / 'cohort.npz'}#test_0", "--model", str(tiny_model_dir), "--k", "4", "--grid", "native",
+                 "--preset", "uint8", "--device", "cpu", "-o", str(tmp_path / "k4"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "apply", str(probe_path), str(tmp_path / "k4")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot apply probe" in err and "k 8 vs 4" in err
+    # A truncated probe file.
+    broken = tmp_path / "broken.raptorprobe"
+    broken.write_bytes(probe_path.read_bytes()[:500])
+    assert main(["probe", "info", str(broken)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"raptor: error: {broken}: not a Raptor probe (not a ZIP archive, or truncated)"
+    # Explaining with another encoder than the probe's is refused before encoding.
+    from conftest import make_tiny_model_dir
+
+    other = make_tiny_model_dir(tmp_path / "other-model", seed=3)
+    assert main(["explain", str(probe_path), f"{folder / 'cohort.npz'}#test_1", "--model", str(other), "--device", "cpu",
+                 "-o", str(tmp_path / "no.png")]) == 1
+    err = capsys.readouterr().err
+    assert "encoder weights differ" in err and not (tmp_path / "no.png").exists()
+
+
+def test_regression_fit_through_the_cli(cohort, tmp_path, capsys):
+    folder, centres = cohort
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    # Target: blob depth (slice of the centre), 10 for volumes without a blob.
+    lines = ["id,split,depth"] + [f"{r['id']},{r['split']},{centres[r['id']][0] if centres[r['id']] is not None else 10}" for r in rows]
+    (tmp_path / "reg.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "depth.raptorprobe"
+    assert main(["probe", "fit", str(folder / "emb.csv"), str(tmp_path / "reg.csv"), "--task", "regression", "-o", str(out),
+                 "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "regression probe (ridge), alpha=" in printed and "r2" in printed
+    assert (tmp_path / "depth_pred.png").exists()

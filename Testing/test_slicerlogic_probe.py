@@ -1,0 +1,220 @@
+"""RaptorProbe logic against a real MRML scene (slicer-core): scores, charts, heatmap nodes, slice jumps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import blob_volume, oblique_matrix, random_probe
+
+from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+from RaptorExtension.errors import MetadataMismatch, RaptorError
+from RaptorExtension.slicerlogic.node_attributes import read_embedding, write_embedding
+from RaptorExtension.slicerlogic.probe import (
+    HEATMAP_ATTRIBUTE,
+    PLANE_ATTRIBUTE,
+    ProbeLogic,
+)
+from RaptorExtension.volumes.slicer_io import (
+    matrix_to_numpy,
+    numpy_to_matrix,
+    volume_from_node,
+)
+
+
+@pytest.fixture
+def scene():
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield scene
+    slicer.mrmlScene = previous
+
+
+@pytest.fixture
+def settings(tiny_model_dir) -> EmbedSettings:
+    return EmbedSettings(model=str(tiny_model_dir), k=8, grid=16, preset="minmax", device="cpu")
+
+
+def add_volume(scene, name="scan", seed=3):
+    import slicer
+
+    array, centre = blob_volume(np.random.default_rng(seed), with_blob=True)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, array[:, :18, :16].copy())
+    node.SetIJKToRASMatrix(numpy_to_matrix(oblique_matrix()))
+    return node
+
+
+def embed_node(node, embedder: Embedder):
+    embedding = embedder.embed_volume(volume_from_node(node, id=node.GetName(), source=node.GetName()))
+    write_embedding(node, embedding)
+    return embedding
+
+
+def test_apply_makes_a_scores_table_and_a_bar_chart(scene, settings, tiny_encoder, tmp_path):
+    embedder = Embedder(settings, encoder=tiny_encoder)
+    node = add_volume(scene)
+    embedding = embed_node(node, embedder)
+    logic = ProbeLogic(scene)
+    with pytest.raises(RaptorError, match="load a probe file first"):
+        logic.apply(node)
+    probe_a = random_probe(embedder, classes=("liver", "spleen", "kidney"))
+    probe_b = random_probe(embedder, task="binary", classes=("normal", "lesion"), seed=4)
+    for name, probe in (("organ", probe_a), ("lesion", probe_b)):
+        probe.name = name
+        logic.loadProbe(probe.save(tmp_path / f"{name}.raptorprobe"))
+    logic.loadProbe(tmp_path / "organ.raptorprobe")  # loading the same file again replaces it
+    assert [p.name for p in logic.probes] == ["lesion", "organ"]
+    results = logic.apply(node)
+    assert [r.probe.name for r in results] == ["lesion", "organ"]
+    np.testing.assert_allclose(results[1].scores, probe_a.scores(embedding.vector)[0], atol=1e-12)
+    table = scene.GetFirstNodeByName("Raptor scores: scan")
+    assert table.IsA("vtkMRMLTableNode") and table.GetNumberOfRows() == 5
+    assert [table.GetCellText(r, 1) for r in range(5)] == ["normal", "lesion", "liver", "spleen", "kidney"]
+    assert float(table.GetCellText(3, 4)) == pytest.approx(results[1].scores[1], abs=1e-6)
+    chart = [scene.GetNthNodeByClass(i, "vtkMRMLPlotChartNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode"))]
+    assert len(chart) == 1 and chart[0].GetNumberOfPlotSeriesNodes() == 1
+    series = chart[0].GetNthPlotSeriesNode(0)
+    assert series.GetPlotType() == series.PlotTypeBar and series.GetTableNodeID() == table.GetID()
+    assert series.GetYColumnName() == "Score" and series.GetLabelColumnName() == "Label"
+    assert logic.scoresNodes == (table, chart[0])
+    logic.apply(node)  # applying again updates the same nodes instead of piling up new ones
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 1
+
+
+def test_missing_or_mismatched_embeddings(scene, settings, tiny_encoder, tmp_path):
+    embedder = Embedder(settings, encoder=tiny_encoder)
+    probe = random_probe(embedder)
+    probe.save(tmp_path / "p.raptorprobe")
+    node = add_volume(scene, "fresh")
+    logic = ProbeLogic(scene)
+    logic.loadProbe(tmp_path / "p.raptorprobe")
+    with pytest.raises(RaptorError, match="fresh: has no Raptor embedding yet; embed it with RaptorEmbed first"):
+        logic.apply(node)
+    asked = []
+
+    def embed_hook(volume_node, wanted: EmbedSettings):
+        asked.append(wanted)
+        return embed_node(volume_node, Embedder(wanted, encoder=tiny_encoder))
+
+    logic.embedHook = embed_hook
+    logic.apply(node)
+    assert (asked[0].k, asked[0].grid, asked[0].preset, asked[0].model) == (8, 16, "minmax", str(settings.model))
+    assert read_embedding(node) is not None
+    other = add_volume(scene, "k4")
+    embed_node(other, Embedder(EmbedSettings(model=settings.model, k=4, grid=16, preset="minmax"), encoder=tiny_encoder))
+    with pytest.raises(MetadataMismatch, match=r"k4: cannot apply probe .*p\.raptorprobe: .*k 8 vs 4"):
+        logic.apply(other)
+
+
+def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, settings, tiny_encoder, tmp_path):
+    import slicer
+    import vtk
+
+    embedder = Embedder(settings, encoder=tiny_encoder)
+    node = add_volume(scene)
+    probe = random_probe(embedder)
+    probe.name = "organ"
+    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    job = logic.explain(node, probe, "b")
+    ex = job.explanation
+    heat = job.nodes["heatmap"]
+    assert heat.GetName() == "scan b heatmap" and heat.GetAttribute(HEATMAP_ATTRIBUTE) == node.GetID()
+    m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m1)
+    heat.GetIJKToRASMatrix(m2)
+    np.testing.assert_allclose(matrix_to_numpy(m1), matrix_to_numpy(m2), atol=1e-12)  # spacing/directions split: 1 ulp
+    heat_array = slicer.util.arrayFromVolume(heat)
+    assert heat_array.shape == slicer.util.arrayFromVolume(node).shape
+    np.testing.assert_array_equal(heat_array, ex.heatmap)
+    display = heat.GetDisplayNode()
+    color = scene.GetNodeByID(display.GetColorNodeID())
+    assert color is not None and "diverging" in color.GetName().lower()
+    assert display.GetLevel() == 0.0 and display.GetWindow() == pytest.approx(2 * np.abs(ex.heatmap).max(), rel=1e-6)
+    # Curve tables: the contributions of every slice plus the bias give the logit.
+    tables = job.nodes["tables"]
+    assert [t.GetAttribute(PLANE_ATTRIBUTE) for t in tables] == ["axial", "coronal", "sagittal"]
+    total = sum(float(t.GetCellText(r, 4)) for t in tables for r in range(t.GetNumberOfRows()))
+    assert abs(ex.decision - (ex.bias + total)) < 1e-4
+    chart = job.nodes["chart"]
+    assert chart.GetNumberOfPlotSeriesNodes() == 3
+    series = chart.GetNthPlotSeriesNode(1)
+    assert series.GetAttribute(PLANE_ATTRIBUTE) == "coronal" and series.GetXColumnName() == "Slice"
+    # Foreground layer in every slice view, and a click on a curve point moves the views to that slice.
+    for name in ("Red", "Green", "Yellow"):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+        slice_node = slicer.vtkMRMLSliceNode()
+        slice_node.SetName(name)
+        slice_node.SetLayoutName(name)
+        scene.AddNode(slice_node)
+    assert logic.showHeatmap(node, heat, opacity=0.4) == 3
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == heat.GetID() and composite.GetBackgroundVolumeID() == node.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    logic.setHeatmapOpacity(0.7)
+    assert composite.GetForegroundOpacity() == pytest.approx(0.7)
+    ras = logic.jumpToSlice(series, 5)
+    np.testing.assert_allclose(ras, ex.slice_ras(1, 5))
+    assert float(tables[1].GetCellText(5, 2)) == pytest.approx(ras[1], abs=1e-3)
+    red = scene.GetNthNodeByClass(0, "vtkMRMLSliceNode")
+    np.testing.assert_allclose([red.GetSliceToRAS().GetElement(i, 3) for i in range(3)], ras, atol=1e-6)
+    with pytest.raises(RaptorError, match="slice 99 is outside the axial curve"):
+        logic.jumpToSlice("axial", 99)
+    # Explaining again updates the same nodes.
+    again = logic.explain(node, probe, "b")
+    assert again.nodes["heatmap"] is heat and scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+
+
+def test_explanation_nodes_survive_saving_the_scene(scene, settings, tiny_encoder, tmp_path):
+    import slicer
+
+    node = add_volume(scene)
+    probe = random_probe(Embedder(settings, encoder=tiny_encoder))
+    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    heat = logic.explain(node, probe, "a").nodes["heatmap"]
+    for n in (node, heat):
+        storage = n.CreateDefaultStorageNode()
+        scene.AddNode(storage)
+        storage.SetFileName(str(tmp_path / f"{n.GetName().replace(' ', '_')}.nrrd"))
+        assert storage.WriteData(n)
+        n.SetAndObserveStorageNodeID(storage.GetID())
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTableNode")):
+        table = scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
+        storage = table.CreateDefaultStorageNode()
+        scene.AddNode(storage)
+        storage.SetFileName(str(tmp_path / f"table{i}.tsv"))
+        assert storage.WriteData(table)
+        table.SetAndObserveStorageNodeID(storage.GetID())
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Connect()
+    heat2 = reloaded.GetFirstNodeByName("scan a heatmap")
+    assert heat2 is not None and heat2.GetAttribute(HEATMAP_ATTRIBUTE) == node.GetID()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heat2), slicer.util.arrayFromVolume(heat), atol=1e-6)
+    axial = reloaded.GetFirstNodeByName("scan a slice attention (axial)")
+    assert axial is not None and axial.GetAttribute(PLANE_ATTRIBUTE) == "axial" and axial.GetNumberOfRows() == 16
+    assert reloaded.GetFirstNodeByName("scan a slice attention").GetNumberOfPlotSeriesNodes() == 3
+
+
+def test_cancelled_explanation_leaves_no_nodes(scene, settings, tiny_encoder):
+    node = add_volume(scene)
+    probe = random_probe(Embedder(settings, encoder=tiny_encoder))
+    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    finished = []
+    job = logic.explain(node, probe, waitForCompletion=False, completionCallback=finished.append)
+    job.cancel()
+    while logic.poll():
+        job.thread.join(0.05)
+    assert job.status == "cancelled" and finished == [job]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    mlp = random_probe(Embedder(settings, encoder=tiny_encoder))
+    mlp.model = "mlp"
+    with pytest.raises(RaptorError, match="is an MLP"):
+        logic.explain(node, mlp)
