@@ -619,7 +619,7 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
         if not dependencies.dependencies_ready():
             self.skipTest("PyTorch or Raptor's Python packages are not installed")
         from RaptorExtension.encoding.model import encoder_from_model, random_dinov2
-        from RaptorExtension.encoding.pipeline import EmbedSettings
+        from RaptorExtension.encoding.settings import EmbedSettings
 
         model = random_dinov2(hidden_size=32, layers=2, heads=2, image_size=56, seed=0)
         encoder = encoder_from_model(model, "raptor-selftest/random-dinov2", device="cpu", image_size=56)

@@ -47,7 +47,7 @@ def write_cohort(folder: Path, n: int, *, patient_prefix: str = "RAPTOR-TEST") -
 
 
 def tiny_settings(model_dir: Path, **overrides):
-    from RaptorExtension.encoding.pipeline import EmbedSettings
+    from RaptorExtension.encoding.settings import EmbedSettings
 
     values = dict(model=str(model_dir), k=4, grid=16, device="cpu", batch_size=64)
     values.update(overrides)

@@ -108,3 +108,13 @@ def synthetic_volume(shape=(20, 24, 28), seed=0) -> np.ndarray:
     vol = 200 * np.exp(-((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2) * 3) + 40 * np.sin(3 * j + 2 * i)
     vol += rng.normal(0, 5, size=shape)
     return vol.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def raptor_server(tmp_path_factory, tiny_model_dir):
+    """One real ``raptor serve`` for the session, allowed to read pytest's temporary folders (and the tiny model)."""
+    from helpers import start_server
+
+    server = start_server(tmp_path_factory.getbasetemp())
+    yield server
+    server.stop()

@@ -104,3 +104,53 @@ def write_nrrd(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert storage.WriteData(node)
     return path
+
+
+class RunningServer:
+    """A real ``raptor serve`` subprocess on 127.0.0.1 (see :func:`start_server`)."""
+
+    def __init__(self, process, url: str, token: str | None, root: Path, log: Path) -> None:
+        self.process, self.url, self.token, self.root, self.log = process, url, token, root, log
+
+    def client(self, token: str | None = "default"):
+        from RaptorExtension.server.client import RaptorClient
+
+        return RaptorClient(self.url, self.token if token == "default" else token, timeout=60.0)
+
+    def compute(self):
+        from RaptorExtension.slicerlogic.compute import Compute
+
+        return Compute("remote", self.url, self.token or "")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=20)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(root: Path, *args: str, token: str | None = "t" * 24, timeout: float = 120.0) -> RunningServer:
+    """Start ``raptor serve --port 0`` with one torch thread; wait for its URL on the first stdout line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(root)
+    log = root / f"server-{time.monotonic_ns()}.log"
+    env = dict(os.environ)  # the same BLAS threading as the tests, so results can be compared bit for bit
+    env.pop("RAPTOR_TOKEN", None)
+    if token:
+        env["RAPTOR_TOKEN"] = token
+    command = [sys.executable, "-m", "RaptorExtension", "serve", "--port", "0", "--threads", "1", "--exit-with-stdin",
+               "--allow-root", str(root), *args]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+    line = process.stdout.readline().decode().strip()
+    if not line.startswith("http"):
+        process.kill()
+        raise RuntimeError(f"raptor serve did not start: {log.read_text()[-2000:]}")
+    return RunningServer(process, line, token, root, log)

@@ -9,6 +9,7 @@ lower layer, never a higher one or a sibling at its own layer):
 
 ====  ===============================  =====================================
   5   ``cli``, ``slicerlogic``          the command line; the Slicer modules' logic
+  4   ``server``                        the Raptor server and its client
   3   ``cohort``, ``probes``            batch jobs; probes and explanations
   2   ``encoding``                      models, the triaxial encoder, the pipeline
   1   ``volumes``, ``embeddings``       reading volumes; embedding formats
@@ -30,6 +31,7 @@ PACKAGE = "RaptorExtension"
 LAYERS = {
     "cli": 5,
     "slicerlogic": 5,
+    "server": 4,
     "cohort": 3,
     "probes": 3,
     "encoding": 2,

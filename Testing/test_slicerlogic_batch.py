@@ -1,4 +1,4 @@
-"""The RaptorEmbed Batch section's logic: a DICOM database cohort to CSV in a worker thread."""
+"""The RaptorEmbed Batch section's logic: a DICOM database cohort to CSV on a real Raptor server."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def run_to_end(logic: BatchLogic, items, csv, settings, **kw):
     return run, progress, finished
 
 
-def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_model_dir, tmp_path):
+def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_model_dir, tmp_path, raptor_server):
     found, _ = discover_database(database)
-    embed = EmbedLogic()
+    embed = EmbedLogic(compute=raptor_server.compute())
     logic = BatchLogic(embed)
     settings = tiny_settings(tiny_model_dir)
     run, progress, finished = run_to_end(logic, found.items, tmp_path / "cohort.csv", settings)
@@ -50,16 +50,16 @@ def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_
     assert any(p.phase == "embedding" for p in progress)
     table = read_table(tmp_path / "cohort.csv")
     assert len(table.ids) == 3 and set(table.columns["PatientID"]) == {f"RAPTOR-BATCH-{i}" for i in range(3)}
-    # The module's model stays loaded: the batch used (and left) the embed logic's embedder.
-    assert embed.embedderFor(settings).encoder is embed.embedderFor(settings).encoder
+    # The batch ran on the embed logic's server, which keeps the model loaded for the next job.
+    assert [m["model"] for m in embed.compute.health()["models"]] == [str(tiny_model_dir)]
     # A second start resumes: nothing left to do.
     run2, _, _ = run_to_end(logic, found.items, tmp_path / "cohort.csv", settings)
     assert run2.summary.done == 0 and run2.summary.skipped == 3
 
 
-def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, tiny_model_dir, tmp_path):
+def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, tiny_model_dir, tmp_path, raptor_server):
     found, _ = discover_database(database)
-    logic = BatchLogic(EmbedLogic())
+    logic = BatchLogic(EmbedLogic(compute=raptor_server.compute()))
     settings = tiny_settings(tiny_model_dir, batch_size=4)
     rows_seen = threading.Event()
 
@@ -81,9 +81,9 @@ def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, tiny_model_d
     assert len(read_table(tmp_path / "c.csv").ids) == 3
 
 
-def test_anonymized_batch_and_refusals(database, tiny_model_dir, tmp_path):
+def test_anonymized_batch_and_refusals(database, tiny_model_dir, tmp_path, raptor_server):
     found, _ = discover_database(database)
-    logic = BatchLogic(EmbedLogic())
+    logic = BatchLogic(EmbedLogic(compute=raptor_server.compute()))
     settings = tiny_settings(tiny_model_dir)
     with pytest.raises(RaptorError, match="no series to embed"):
         logic.start([], tmp_path / "none.csv", settings)

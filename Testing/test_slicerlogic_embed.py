@@ -1,10 +1,11 @@
-"""RaptorEmbed's logic against a real MRML scene (slicer-core), with a tiny random DINOv2.
+"""RaptorEmbed's logic against a real MRML scene (slicer-core) and a real Raptor server, with a tiny random DINOv2.
 
-What the module promises and these tests hold it to: the worker thread embeds
-a copy and never touches MRML; poll() on the main thread delivers progress and
-writes both attributes; a cancelled, failed or orphaned run writes nothing;
-the embedding survives .mrml and .mrb round trips bit for bit; the CSV export
-equals the engine's own CSV for the same volume; mixed settings are refused.
+What the module promises and these tests hold it to: the work runs on the
+server, on a copy of the voxels; poll() on the main thread advances the job,
+delivers progress and writes both attributes; a cancelled, failed or
+orphaned run writes nothing; the embedding survives .mrml and .mrb round
+trips bit for bit; the CSV export equals the engine's own CSV for the same
+volume; mixed settings are refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,10 +22,12 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without Qt) is not installed")
 
 from conftest import make_tiny_model_dir, synthetic_volume  # noqa: E402
+from helpers import start_server  # noqa: E402
 
 from RaptorExtension.embeddings.embedding import Embedding  # noqa: E402
 from RaptorExtension.embeddings.table import write_table  # noqa: E402
-from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings  # noqa: E402
+from RaptorExtension.encoding.pipeline import Embedder  # noqa: E402
+from RaptorExtension.encoding.settings import EmbedSettings  # noqa: E402
 from RaptorExtension.errors import (  # noqa: E402
     Cancelled,
     InputError,
@@ -44,6 +46,7 @@ from RaptorExtension.slicerlogic.choices import (
 )
 from RaptorExtension.slicerlogic.embed import EmbedLogic
 from RaptorExtension.slicerlogic.embed_job import CANCELLED, DONE, FAILED, EmbedProgress
+from RaptorExtension.slicerlogic.remote_job import FETCHING
 from RaptorExtension.slicerlogic.node_attributes import (
     EMBEDDING_ATTRIBUTE,
     METADATA_ATTRIBUTE,
@@ -97,38 +100,23 @@ def csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-class CancelAfter:
-    """A cancel token (the engine's ``is_set()`` protocol) that turns on at its n-th check.
-
-    The engine checks it before every batch, so a run stops after exactly
-    n - 1 checks: a deterministic mid-run cancel, with no timing involved.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.n, self.calls = n, 0
-
-    def is_set(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.n
+@pytest.fixture
+def logic(scene, raptor_server) -> EmbedLogic:
+    return EmbedLogic(scene, compute=raptor_server.compute())
 
 
-class PauseAt:
-    """A cancel token that holds the worker at its n-th check until the test releases it.
+def slow(settings: EmbedSettings) -> EmbedSettings:
+    """192 batches of one slice: long enough to act while the server encodes."""
+    return EmbedSettings(**{**settings.__dict__, "grid": 64, "batch_size": 1})
 
-    Lets the main thread delete the node or close the scene while the worker
-    is provably in the middle of a run.
-    """
 
-    def __init__(self, n: int) -> None:
-        self.n, self.calls = n, 0
-        self.reached, self.release = threading.Event(), threading.Event()
-
-    def is_set(self) -> bool:
-        self.calls += 1
-        if self.calls == self.n:
-            self.reached.set()
-            self.release.wait(120)  # a safety net against a hang, not a timing assertion
-        return False
+def poll_until_encoding(logic: EmbedLogic, job) -> None:
+    """Poll (as the timer does) until the server reports encoded slices."""
+    deadline = time.monotonic() + 120
+    while not (job.progress.stage == "encoding" and job.progress.done > 0):
+        assert logic.poll(), (job.status, job.error)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------
@@ -173,38 +161,36 @@ def test_damaged_attributes_are_named_errors(scene):
 # embedding through the logic
 
 
-def test_nonblocking_embed_reports_progress_and_writes_attributes_on_poll(scene, settings):
+def test_nonblocking_embed_reports_progress_and_writes_attributes_on_poll(scene, logic, settings):
     node = add_volume(scene, "CT chest")
-    logic = EmbedLogic(scene)
     progress: list[EmbedProgress] = []
     finished = []
-    job = logic.embed(node, settings, progressCallback=progress.append, completionCallback=finished.append)
+    job = logic.embed(node, slow(settings), progressCallback=progress.append, completionCallback=finished.append)
     assert logic.isRunning()
-    # Nothing reaches the node until the main thread polls.
-    job.thread.join()
-    assert not has_embedding(node)
+    # Nothing is sent, and nothing reaches the node, until the main thread polls.
+    assert job.remote.job_id is None and not has_embedding(node)
     run_until_done(logic)
 
     assert finished == [job] and job.status == DONE, job.error
     stages = [p.stage for p in progress]
-    assert stages[0] == "loading model" and "encoding" in stages
+    assert "sending to the server" in stages and "encoding" in stages  # "loading model" is instant once loaded
     encoding = [p for p in progress if p.stage == "encoding"]
-    assert [p.done for p in encoding] == sorted(p.done for p in encoding)
-    assert encoding[-1].done == encoding[-1].total == 3 * GRID
-    assert encoding[-1].describe() == f"encoding: {3 * GRID} of {3 * GRID} slices"
+    assert [p.done for p in encoding] == sorted(p.done for p in encoding) and encoding[-1].total == 3 * 64
+    final = [p for p in progress if p.stage == "done"]
+    assert final and final[-1].done == final[-1].total == 3 * 64  # the server's last word: the whole volume
+    assert encoding[0].describe().startswith(f"encoding: {encoding[0].done} of {3 * 64} slices")
 
     stored = read_embedding(node)
     assert stored.vector.tobytes() == job.embedding.vector.tobytes()
     meta = stored.metadata
     assert meta["id"] == "CT chest" and meta["source"] == "slicer:CT chest"
-    assert meta["k"] == 8 and meta["grid"] == GRID and meta["shape"] == [3, 8, 4, 4]
+    assert meta["k"] == 8 and meta["grid"] == 64 and meta["shape"] == [3, 8, 4, 4]
     assert meta["source_spacing"] == pytest.approx([0.9, 1.1, 2.0])
     assert "CT chest" not in describe_embedding(stored) and "K=8" in describe_embedding(stored)
 
 
-def test_blocking_embed_equals_the_engine_on_the_same_voxels(scene, settings, tiny_model_dir):
+def test_blocking_embed_equals_the_engine_on_the_same_voxels(scene, logic, settings):
     node = add_volume(scene, "MR knee")
-    logic = EmbedLogic(scene)
     embedding = logic.embed(node, settings, waitForCompletion=True)
     assert read_embedding(node).vector.tobytes() == embedding.vector.tobytes()
 
@@ -214,64 +200,70 @@ def test_blocking_embed_equals_the_engine_on_the_same_voxels(scene, settings, ti
     assert embedding.settings() == reference.settings()
 
 
-def test_model_stays_loaded_and_only_projection_changes_with_k_and_seed(scene, settings, tmp_path):
+def test_model_stays_loaded_and_only_projection_changes_with_k_and_seed(scene, logic, settings, tmp_path):
     node = add_volume(scene, "v")
-    logic = EmbedLogic(scene)
     first = logic.embed(node, settings, waitForCompletion=True)
-    encoder = logic.embedder.encoder
+    loaded = logic.compute.health()["models"]
+    assert [m["weight_sha256"] for m in loaded] == [first.metadata["weight_sha256"]]
 
     second = logic.embed(node, settings, waitForCompletion=True, k=4, seed=7, grid=12)
-    assert logic.embedder.encoder is encoder  # no reload for K, seed, grid
+    assert logic.compute.health()["models"] == loaded  # no reload for K, seed, grid
     assert second.metadata["k"] == 4 and second.vector.size == 3 * 4 * 4 * 4
     assert read_embedding(node).metadata["k"] == 4  # re-embedding replaces both attributes
 
     other_model = make_tiny_model_dir(tmp_path / "other", seed=1)
     third = logic.embed(node, settings, waitForCompletion=True, model=str(other_model))
-    assert logic.embedder.encoder is not encoder  # a different model is loaded
+    assert [m["model"] for m in logic.compute.health()["models"]] == [str(other_model)]  # one model loaded at a time
     assert third.metadata["weight_sha256"] != first.metadata["weight_sha256"]
+    assert logic.unloadModel() and logic.compute.health()["models"] == []
 
 
-def test_cancel_mid_run_writes_nothing_and_keeps_the_previous_embedding(scene, settings):
+def test_cancel_mid_run_writes_nothing_and_keeps_the_previous_embedding(scene, logic, settings):
     node = add_volume(scene, "v")
-    logic = EmbedLogic(scene)
     previous = logic.embed(node, settings, waitForCompletion=True)
 
-    progress, finished = [], []
-    token = CancelAfter(5)  # 1: after loading, 2: before queueing the cube, 3-4: two batches run, 5: cancel
-    job = logic.embed(node, settings, k=4, cancel=token, progressCallback=progress.append, completionCallback=finished.append)
+    finished = []
+    job = logic.embed(node, slow(settings), k=4, completionCallback=finished.append)
+    poll_until_encoding(logic, job)
+    logic.cancel()
     run_until_done(logic)
 
-    assert job.status == CANCELLED and finished == [job]
-    encoded = [p.done for p in progress if p.stage == "encoding"]
-    assert encoded and 0 < max(encoded) < 3 * GRID  # it stopped part way through the slices
+    assert job.status == CANCELLED and finished == [job] and job.cancel_reason == "cancelled by the user"
+    assert 0 < job.remote.snapshot["done"] < 3 * 64  # it stopped part way through the slices
     stored = read_embedding(node)
     assert stored.metadata["k"] == 8 and stored.vector.tobytes() == previous.vector.tobytes()
 
+    class AlreadySet:
+        def is_set(self) -> bool:
+            return True
+
     fresh = add_volume(scene, "never embedded")
     with pytest.raises(Cancelled, match="never embedded"):
-        logic.embed(fresh, settings, waitForCompletion=True, cancel=CancelAfter(4))
+        logic.embed(fresh, settings, waitForCompletion=True, cancel=AlreadySet())
     assert not has_embedding(fresh) and fresh.GetAttribute(METADATA_ATTRIBUTE) is None
 
 
-def test_user_cancel_before_the_worker_finishes_is_honoured_whatever_the_timing(scene, settings):
+def test_user_cancel_is_honoured_whatever_the_timing(scene, logic, settings):
     node = add_volume(scene, "v")
-    logic = EmbedLogic(scene)
     job = logic.embed(node, settings)
-    logic.cancel()  # the worker may already be done: the result must still be dropped
+    logic.cancel()  # before anything was sent
     run_until_done(logic)
     assert job.status == CANCELLED and job.cancel_reason == "cancelled by the user"
-    assert not has_embedding(node)
+    # The server already finished when the cancel comes: its result must still be dropped.
+    job = logic.embed(node, settings)
+    while job.remote.phase != FETCHING:
+        assert logic.poll()
+        time.sleep(0.005)
+    logic.cancel()
+    run_until_done(logic)
+    assert job.status == CANCELLED and not has_embedding(node)
 
 
-def test_deleting_the_node_mid_run_cancels_cleanly(scene, settings):
+def test_deleting_the_node_mid_run_cancels_cleanly(scene, logic, settings):
     node = add_volume(scene, "to delete")
-    logic = EmbedLogic(scene)
-    token = PauseAt(3)  # hold the worker before its first batch
-    job = logic.embed(node, settings, cancel=token)
-    assert token.reached.wait(120)
-    logic.poll()
+    job = logic.embed(node, slow(settings))
+    poll_until_encoding(logic, job)
     scene.RemoveNode(node)
-    token.release.set()
     run_until_done(logic)
 
     assert job.status == CANCELLED
@@ -283,34 +275,26 @@ def test_deleting_the_node_mid_run_cancels_cleanly(scene, settings):
     assert logic.embed(other, settings, waitForCompletion=True).vector.size == 3 * 8 * 16
 
 
-def test_closing_the_scene_mid_run_cancels_cleanly(scene, settings):
+def test_closing_the_scene_mid_run_cancels_cleanly(scene, logic, settings):
     node = add_volume(scene, "open scan")
-    logic = EmbedLogic(scene)
-    token = PauseAt(3)
-    job = logic.embed(node, settings, cancel=token)
-    assert token.reached.wait(120)
+    job = logic.embed(node, slow(settings))
+    poll_until_encoding(logic, job)
     scene.Clear(0)
-    token.release.set()
     run_until_done(logic)
     assert job.status == CANCELLED and job.cancel_reason == "the scene was closed"
     assert not has_embedding(node)
 
 
-def test_one_job_at_a_time(scene, settings):
+def test_one_job_at_a_time(scene, logic, settings):
     a, b = add_volume(scene, "a"), add_volume(scene, "b")
-    logic = EmbedLogic(scene)
-    token = PauseAt(2)
-    logic.embed(a, settings, cancel=token)
-    assert token.reached.wait(120)
+    logic.embed(a, settings)
     with pytest.raises(RaptorError, match="an embedding of a is already running"):
         logic.embed(b, settings)
-    token.release.set()
     run_until_done(logic)
     assert has_embedding(a) and not has_embedding(b)
 
 
-def test_failures_are_one_sentence_and_write_nothing(scene, settings, tmp_path):
-    logic = EmbedLogic(scene)
+def test_failures_are_one_sentence_and_write_nothing(scene, logic, settings, tmp_path):
     flat = add_volume(scene, "flat", np.full((8, 9, 10), 7, dtype=np.int16))
     finished = []
     job = logic.embed(flat, settings, completionCallback=finished.append)
@@ -321,7 +305,7 @@ def test_failures_are_one_sentence_and_write_nothing(scene, settings, tmp_path):
 
     node = add_volume(scene, "v")
     (tmp_path / "empty-model").mkdir()
-    with pytest.raises(ModelError, match=r"empty-model: is not a Hugging Face model folder \(no config.json\)"):
+    with pytest.raises(RaptorError, match=r"empty-model: is not a Hugging Face model folder \(no config.json\)"):
         logic.embed(node, settings, waitForCompletion=True, model=str(tmp_path / "empty-model"))
     assert not has_embedding(node)
 
@@ -332,18 +316,43 @@ def test_failures_are_one_sentence_and_write_nothing(scene, settings, tmp_path):
         logic.embed(table, settings)
 
 
+def test_a_server_that_dies_mid_job_leaves_the_node_unchanged_and_the_next_job_restarts_it(scene, settings, tmp_path_factory):
+    """The local-server path: the server is killed mid-job; one line; the next job starts a new server."""
+    import os
+    import signal
+
+    from RaptorExtension.server.launcher import LocalServer
+    from RaptorExtension.slicerlogic.compute import Compute
+
+    compute = Compute(local=LocalServer())
+    logic = EmbedLogic(scene, compute=compute)
+    try:
+        node = add_volume(scene, "v")
+        job = logic.embed(node, slow(settings))
+        poll_until_encoding(logic, job)
+        pid = compute.local.process.pid
+        os.kill(pid, signal.SIGKILL)
+        run_until_done(logic)
+        assert job.status == FAILED and not has_embedding(node)
+        assert "stopped answering during the job" in job.error and "\n" not in job.error
+        again = logic.embed(node, settings, waitForCompletion=True)
+        assert compute.local.process.pid != pid and read_embedding(node).vector.tobytes() == again.vector.tobytes()
+    finally:
+        compute.shutdown()
+
+
 # ---------------------------------------------------------------------------
 # scene files
 
 
-def test_embedding_survives_mrml_and_mrb_round_trips(scene, settings, tmp_path):
+def test_embedding_survives_mrml_and_mrb_round_trips(scene, logic, settings, tmp_path):
     node = add_volume(scene, "saved")
     storage = node.CreateDefaultStorageNode()
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     storage.SetFileName(str(tmp_path / "saved.nrrd"))
     assert storage.WriteData(node)
-    embedding = EmbedLogic(scene).embed(node, settings, waitForCompletion=True)
+    embedding = logic.embed(node, settings, waitForCompletion=True)
 
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
@@ -367,16 +376,15 @@ def test_embedding_survives_mrml_and_mrb_round_trips(scene, settings, tmp_path):
     unpacked = from_bundle.GetFirstNodeByName("saved")
     assert read_embedding(unpacked).vector.tobytes() == embedding.vector.tobytes()
     # and the volume still embeds to the same bits after the round trip
-    assert EmbedLogic(from_bundle).embed(unpacked, settings, waitForCompletion=True).vector.tobytes() == embedding.vector.tobytes()
+    assert EmbedLogic(from_bundle, compute=logic.compute).embed(unpacked, settings, waitForCompletion=True).vector.tobytes() == embedding.vector.tobytes()
 
 
 # ---------------------------------------------------------------------------
 # table and CSV export
 
 
-def test_table_lists_embedded_volumes_and_flags_mismatches(scene, settings):
+def test_table_lists_embedded_volumes_and_flags_mismatches(scene, logic, settings):
     a, b, plain = add_volume(scene, "a"), add_volume(scene, "b"), add_volume(scene, "plain")
-    logic = EmbedLogic(scene)
     logic.embed(a, settings, waitForCompletion=True)
     logic.embed(b, settings, waitForCompletion=True, k=4)
     table = logic.updateEmbeddingsTable()
@@ -387,9 +395,8 @@ def test_table_lists_embedded_volumes_and_flags_mismatches(scene, settings):
     assert [n.GetName() for n in logic.embeddedVolumeNodes()] == ["a", "b"]
 
 
-def test_export_refuses_mixed_settings_and_writes_nothing(scene, settings, tmp_path):
+def test_export_refuses_mixed_settings_and_writes_nothing(scene, logic, settings, tmp_path):
     a, b = add_volume(scene, "first"), add_volume(scene, "second")
-    logic = EmbedLogic(scene)
     logic.embed(a, settings, waitForCompletion=True)
     logic.embed(b, settings, waitForCompletion=True, k=4)
     out = tmp_path / "mixed.csv"
@@ -406,10 +413,9 @@ def test_export_refuses_mixed_settings_and_writes_nothing(scene, settings, tmp_p
     assert logic.exportCSV(out, nodes=[a]).exists()
 
 
-def test_export_row_equals_the_engine_csv_row_for_the_same_volume(scene, settings, tmp_path):
+def test_export_row_equals_the_engine_csv_row_for_the_same_volume(scene, logic, settings, tmp_path):
     a = add_volume(scene, "same")
     b = add_volume(scene, "same", synthetic_volume(seed=1))  # a duplicate name gets its node ID appended
-    logic = EmbedLogic(scene)
     for node in (a, b):
         logic.embed(node, settings, waitForCompletion=True)
     exported = csv_rows(logic.exportCSV(tmp_path / "scene.csv"))
@@ -440,9 +446,8 @@ def read_dicom_node(scene, folder: Path, name: str):
     return node, series[0]
 
 
-def test_dicom_node_row_equals_raptor_embed_row_for_the_series(scene, settings, dicom_series, tmp_path):
+def test_dicom_node_row_equals_raptor_embed_row_for_the_series(scene, logic, settings, dicom_series, tmp_path):
     node, series = read_dicom_node(scene, dicom_series, "Pancreas CT")
-    logic = EmbedLogic(scene)
     embedding = logic.embed(node, settings, waitForCompletion=True)
     meta = embedding.metadata
     assert meta["modality"] == "CT" and meta["preset"].startswith("ct[")  # auto preset from the DICOM header
@@ -463,7 +468,7 @@ def test_dicom_node_row_equals_raptor_embed_row_for_the_series(scene, settings, 
             assert exported[column] == value, column
 
 
-def test_subject_hierarchy_dicom_uids_reach_metadata_and_csv(scene, settings, tmp_path):
+def test_subject_hierarchy_dicom_uids_reach_metadata_and_csv(scene, logic, settings, tmp_path):
     """Volumes Slicer loads from its DICOM database carry their UIDs in the subject hierarchy."""
     node = add_volume(scene, "from database")
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -475,10 +480,10 @@ def test_subject_hierarchy_dicom_uids_reach_metadata_and_csv(scene, settings, tm
     sh.SetItemUID(series, "DICOM", "1.2.3.4.5")
     sh.SetItemAttribute(series, "DICOM.Modality", "CT")
 
-    embedding = EmbedLogic(scene).embed(node, settings, waitForCompletion=True)
+    embedding = logic.embed(node, settings, waitForCompletion=True)
     assert embedding.metadata["dicom"] == {"PatientID": "PAT-7", "StudyInstanceUID": "1.2.3.4", "SeriesInstanceUID": "1.2.3.4.5"}
     assert embedding.metadata["modality"] == "CT" and embedding.metadata["preset"] == "ct[-1000,1000]"
-    row = csv_rows(EmbedLogic(scene).exportCSV(tmp_path / "db.csv"))[0]
+    row = csv_rows(logic.exportCSV(tmp_path / "db.csv"))[0]
     assert (row["PatientID"], row["StudyInstanceUID"], row["SeriesInstanceUID"]) == ("PAT-7", "1.2.3.4", "1.2.3.4.5")
 
 
@@ -519,7 +524,20 @@ def test_progress_lines():
     assert EmbedProgress("loading model", detail="facebook/dinov2-large").describe() == "loading model: facebook/dinov2-large"
 
 
-def test_import_model_folder_for_offline_use_and_clear_cache(scene, settings, tiny_model_dir, tmp_path, monkeypatch):
+def test_import_model_folder_for_offline_use_and_clear_cache(scene, settings, tiny_model_dir, tmp_path, monkeypatch,
+                                                             tmp_path_factory):
+    """The import loads the model to check it, so it runs on the server, which shares the panel's cache folder."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAPTOR_MODEL_CACHE", str(cache))
+    server = start_server(tmp_path_factory.getbasetemp(), "--cache-dir", str(cache))
+    logic = EmbedLogic(scene, compute=server.compute())
+    try:
+        _import_and_clear(logic, cache, scene, settings, tiny_model_dir, tmp_path)
+    finally:
+        server.stop()
+
+
+def _import_and_clear(logic, cache, scene, settings, tiny_model_dir, tmp_path):
     from RaptorExtension.encoding.model_cache import (
         cached_models,
         clear_model_cache,
@@ -527,9 +545,6 @@ def test_import_model_folder_for_offline_use_and_clear_cache(scene, settings, ti
         is_cached,
     )
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("RAPTOR_MODEL_CACHE", str(cache))
-    logic = EmbedLogic(scene)
     assert logic.modelCacheFolder() == cache and logic.cachedModels() == []
 
     model_id = logic.importModelFolder(tiny_model_dir, "hospital/tiny-dinov2")

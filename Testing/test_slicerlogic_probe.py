@@ -1,4 +1,4 @@
-"""RaptorProbe logic against a real MRML scene (slicer-core): scores, charts, heatmap nodes, slice jumps."""
+"""RaptorProbe logic against a real MRML scene (slicer-core) and a real Raptor server: scores, charts, heatmaps, fits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from helpers import blob_volume, oblique_matrix, random_probe
 
-from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+from RaptorExtension.encoding.pipeline import Embedder
+from RaptorExtension.encoding.settings import EmbedSettings
 from RaptorExtension.errors import MetadataMismatch, RaptorError
 from RaptorExtension.slicerlogic.node_attributes import read_embedding, write_embedding
 from RaptorExtension.slicerlogic.probe import (
@@ -110,7 +111,7 @@ def test_missing_or_mismatched_embeddings(scene, settings, tiny_encoder, tmp_pat
         logic.apply(other)
 
 
-def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, settings, tiny_encoder, tmp_path):
+def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, raptor_server, settings, tiny_encoder, tmp_path):
     import slicer
     import vtk
 
@@ -118,7 +119,7 @@ def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, settings, tiny
     node = add_volume(scene)
     probe = random_probe(embedder)
     probe.name = "organ"
-    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
     job = logic.explain(node, probe, "b")
     ex = job.explanation
     heat = job.nodes["heatmap"]
@@ -170,12 +171,12 @@ def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, settings, tiny
     assert again.nodes["heatmap"] is heat and scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
 
 
-def test_explanation_nodes_survive_saving_the_scene(scene, settings, tiny_encoder, tmp_path):
+def test_explanation_nodes_survive_saving_the_scene(scene, raptor_server, settings, tiny_encoder, tmp_path):
     import slicer
 
     node = add_volume(scene)
     probe = random_probe(Embedder(settings, encoder=tiny_encoder))
-    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
     heat = logic.explain(node, probe, "a").nodes["heatmap"]
     for n in (node, heat):
         storage = n.CreateDefaultStorageNode()
@@ -203,18 +204,52 @@ def test_explanation_nodes_survive_saving_the_scene(scene, settings, tiny_encode
     assert reloaded.GetFirstNodeByName("scan a slice attention").GetNumberOfPlotSeriesNodes() == 3
 
 
-def test_cancelled_explanation_leaves_no_nodes(scene, settings, tiny_encoder):
+def test_cancelled_explanation_leaves_no_nodes(scene, raptor_server, settings, tiny_encoder):
     node = add_volume(scene)
     probe = random_probe(Embedder(settings, encoder=tiny_encoder))
-    logic = ProbeLogic(scene, embedderProvider=lambda wanted: Embedder(wanted, encoder=tiny_encoder))
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
     finished = []
     job = logic.explain(node, probe, waitForCompletion=False, completionCallback=finished.append)
     job.cancel()
     while logic.poll():
-        job.thread.join(0.05)
-    assert job.status == "cancelled" and finished == [job]
+        pass
+    assert job.status == "cancelled" and finished == [job] and job.remote.job_id is None  # nothing was even sent
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
     mlp = random_probe(Embedder(settings, encoder=tiny_encoder))
     mlp.model = "mlp"
     with pytest.raises(RaptorError, match="is an MLP"):
         logic.explain(node, mlp)
+
+
+def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, raptor_server, tmp_path):
+    """The panel's Fit: the files land beside the chosen output, as `raptor probe fit` names them."""
+    import csv
+
+    from RaptorExtension.embeddings.embedding import Embedding, build_metadata
+    from RaptorExtension.embeddings.table import write_table
+    from RaptorExtension.probes.probe import Probe
+
+    rng = np.random.default_rng(0)
+    embeddings, labels = [], []
+    for i in range(60):
+        y = i % 2
+        meta = build_metadata(encoder="tiny", weight_sha256="0" * 64, k=2, seed=0, projection_sha256="1" * 64,
+                              planes=["axial"], grid=16, image_size=56, preset="minmax", keep_cls=False, n_features=6,
+                              shape=[1, 2, 1, 3], id=f"v{i}")
+        embeddings.append(Embedding(rng.normal(y * 1.5, 1.0, size=6).astype(np.float32), meta))
+        labels.append([f"v{i}", ("train", "val", "test")[i % 3], str(y)])
+    table, label_file = write_table(tmp_path / "emb.csv", embeddings), tmp_path / "labels.csv"
+    with open(label_file, "w", newline="") as handle:
+        csv.writer(handle).writerows([["id", "split", "finding"], *labels])
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
+    for unset in ("", ".", None):  # what an unset path parameter shows in the panel
+        with pytest.raises(RaptorError, match="choose an embedding CSV, a labels CSV and where to save the probe"):
+            logic.fit(unset, label_file, tmp_path / "p.raptorprobe")
+    job = logic.fit(table, label_file, tmp_path / "finding", select="cv", cGrid=[0.1, 1.0], waitForCompletion=True)
+    assert job.status == "done", job.error
+    names = sorted(p.name for p in job.files)
+    assert names == ["finding.raptorprobe", "finding_metrics.json", "finding_roc.png"]
+    probe = Probe.load(tmp_path / "finding.raptorprobe")
+    assert probe.classes == ["0", "1"] and probe.name == "finding" and job.probe.classes == probe.classes
+    assert "auc" in job.report.lower()
+    assert (tmp_path / "finding_roc.png").read_bytes().startswith(b"\x89PNG")

@@ -76,7 +76,7 @@ def main() -> None:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from RaptorExtension.cohort.job import BatchJob, BatchSources
     from RaptorExtension.cohort.run import run_batch
-    from RaptorExtension.encoding.pipeline import EmbedSettings
+    from RaptorExtension.encoding.settings import EmbedSettings
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="raptor-bench-memory-"))
     cohort = work / f"cohort{args.volumes}"

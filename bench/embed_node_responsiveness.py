@@ -75,7 +75,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from RaptorExtension.encoding.pipeline import EmbedSettings
+    from RaptorExtension.encoding.settings import EmbedSettings
     from RaptorExtension.slicerlogic.embed import EmbedLogic
     from RaptorExtension.slicerlogic.node_attributes import (
         EMBEDDING_ATTRIBUTE,

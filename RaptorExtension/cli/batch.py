@@ -27,7 +27,7 @@ def default_readers() -> int:
 
 def add_parser(sub) -> None:
     from ..cohort.anonymize import SALT_ENV
-    from .options import add_embedding_options, non_negative_int
+    from .options import add_embedding_options, add_server_options, non_negative_int
 
     p = sub.add_parser(
         "batch",
@@ -65,6 +65,7 @@ def add_parser(sub) -> None:
                      help="list what would be embedded and exit (with --anonymize it prints anonymized ids beside real sources: keep that private)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_embedding_options(p)
+    add_server_options(p)
     p.set_defaults(func=run_batch_command)
 
     m = sub.add_parser("merge", help="combine the CSVs of all shards of a batch into one CSV",
@@ -187,6 +188,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from ..cohort.run import run_batch
 
     job = job_from_args(args)
+    if args.server:
+        if args.dry_run:
+            raise RaptorError("--dry-run lists the cohort on this computer; run it without --server")
+        return _batch_on_server(args, job)
     if args.dry_run:
         return _dry_run(job, plan_job(job))
     console = ConsoleProgress(args.quiet)
@@ -194,6 +199,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
         summary = run_batch(job, progress=console)
     finally:
         console.close()
+    return _report(summary)
+
+
+def _report(summary) -> int:
     print(f"raptor: {summary.line()} -> {summary.csv}")
     if summary.cancelled:
         print("raptor: cancelled; the rows written are kept, rerun the same command to resume", file=sys.stderr)
@@ -204,6 +213,66 @@ def run_batch_command(args: argparse.Namespace) -> int:
         print(f"raptor: {summary.failed} series failed, listed with the reason in {summary.errors_csv}", file=sys.stderr)
         return 1
     return 0
+
+
+def _batch_on_server(args: argparse.Namespace, job) -> int:
+    """The same batch on a Raptor server: every path names the server's disk (under its --allow-root)."""
+    from types import SimpleNamespace
+
+    from ..cohort.job import BatchProgress
+    from ..server.client import finished_or_raise
+    from ..server.remote import server_settings
+    from .options import client_from_args
+
+    def absolute(path: str) -> str:
+        if not os.path.isabs(path):
+            raise RaptorError(f"{path}: with --server, give paths as the server sees them, from the root (/...)")
+        return path
+
+    client = client_from_args(args)
+    client.health()
+    request = {
+        "kind": "batch",
+        "settings": server_settings(job.settings),
+        "sources": {"folders": [absolute(f) for f in job.sources.folders],
+                    "manifests": [absolute(m) for m in job.sources.manifests],
+                    "dicom_databases": [absolute(d) for d in job.sources.dicom_databases]},
+        "filters": {"modalities": list(job.filters.modalities), "min_slices": job.filters.min_slices,
+                    "description": job.filters.description},
+        "csv": absolute(str(job.csv)),
+        "errors_csv": absolute(str(job.errors_csv)) if job.errors_csv else None,
+        "parquet": absolute(str(job.parquet)) if job.parquet else None,
+        "shard": list(job.shard),
+        "anonymize_salt": job.anonymizer.salt if job.anonymizer else None,
+        "keep_descriptions": job.keep_descriptions,
+        "readers": job.readers,
+    }
+    submitted = client.submit(request)
+    console = ConsoleProgress(args.quiet)
+    started = time.monotonic()
+
+    def show(snapshot: dict) -> None:
+        extra = snapshot.get("extra", {})
+        failed = int(extra.get("failed", 0))
+        console(BatchProgress(
+            phase=snapshot["stage"], total=snapshot["total"], done=max(0, snapshot["done"] - failed), failed=failed,
+            skipped=int(extra.get("skipped", 0)), current=str(extra.get("current", "")),
+            slices_done=int(extra.get("slices_done", 0)), slices_total=int(extra.get("slices_total", 0)),
+            elapsed=time.monotonic() - started, message=None,
+        ))
+
+    try:
+        snapshot = client.wait(submitted["id"], progress=show, interval=1.0)
+    finally:
+        console.close()
+    finished_or_raise(snapshot, "batch") if snapshot["state"] == "failed" else None
+    result = snapshot["result"] or {}
+    summary = SimpleNamespace(
+        line=lambda: result.get("summary", "cancelled"), csv=result.get("csv", job.csv),
+        cancelled=snapshot["state"] == "cancelled" or bool(result.get("cancelled")), foreign_rows=0,
+        failed=int(result.get("failed", 0)), errors_csv=result.get("errors_csv", ""),
+    )
+    return _report(summary)
 
 
 def _dry_run(job, plan) -> int:

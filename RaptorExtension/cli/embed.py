@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_embedding_options, non_negative_int, settings_from_args
+from .options import add_embedding_options, add_server_options, non_negative_int, settings_from_args
 
 
 def add_embed_parser(sub) -> None:
@@ -26,14 +26,35 @@ def add_embed_parser(sub) -> None:
     p.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"),
                    help="how read-ahead runs (default: processes for several inputs outside Slicer, else threads)")
     add_embedding_options(p)
+    add_server_options(p)
     p.set_defaults(func=run_embed)
+
+
+def open_embedder(args: argparse.Namespace, settings):
+    """The model in this process, or, with ``--server``, on a Raptor server (same interface for the loop)."""
+    if getattr(args, "server", None):
+        from ..server.remote import RemoteEmbedder
+        from .options import client_from_args
+
+        client = client_from_args(args)
+        health = client.health()
+        where = ", ".join(d["name"] for d in health.get("devices", [])) or "?"
+        print(f"raptor: sending the work to {client.url} (raptor {health['version']}; {where})", file=sys.stderr)
+        embedder = RemoteEmbedder(client, settings)
+        print(f"raptor: {embedder.summary()}", file=sys.stderr)
+        return embedder
+    from ..encoding.model import model_summary
+    from ..encoding.pipeline import Embedder
+
+    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    embedder = Embedder(settings)
+    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    return embedder
 
 
 def run_embed(args: argparse.Namespace) -> int:
     from ..cohort.errorlog import ErrorLog
     from ..embeddings.stream import TableAppender
-    from ..encoding.model import model_summary
-    from ..encoding.pipeline import Embedder
     from ..volumes.prefetch import resolve_loader
     from ..volumes.readers import expand_input
     from .progress import Progress
@@ -58,9 +79,7 @@ def run_embed(args: argparse.Namespace) -> int:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
 
     settings = settings_from_args(args)
-    print(f"raptor: loading model {settings.model}", file=sys.stderr)
-    embedder = Embedder(settings)
-    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    embedder = open_embedder(args, settings)
     table = TableAppender(args.csv) if args.csv else None
 
     todo = []
@@ -75,7 +94,7 @@ def run_embed(args: argparse.Namespace) -> int:
     done = failed = 0
     try:
         # Slicer's readers hold the GIL, so for several inputs read-ahead runs in processes.
-        loader = "threads" if args.loader == "auto" and len(todo) < 2 else resolve_loader(args.loader, args.readers)
+        loader = "threads" if args.loader == "auto" and (len(todo) < 2 or args.server) else resolve_loader(args.loader, args.readers)
         for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices, readers=args.readers,
                                                          loader=loader):
             if error is not None:

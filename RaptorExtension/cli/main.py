@@ -17,7 +17,7 @@ import sys
 
 from ..errors import Cancelled, RaptorError
 from ..version import __version__
-from . import batch, models, probe
+from . import batch, models, probe, serve
 from .embed import add_embed_parser, add_info_parser
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_embed_parser(sub)
     add_info_parser(sub)
-    for module in (probe, batch, models):
+    for module in (probe, batch, models, serve):
         module.add_parser(sub)
     return parser
 

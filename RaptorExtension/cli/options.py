@@ -54,7 +54,7 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from ..encoding.pipeline import EmbedSettings
+    from ..encoding.settings import EmbedSettings
 
     return EmbedSettings(
         model=args.model,
@@ -71,3 +71,18 @@ def settings_from_args(args: argparse.Namespace):
         dedup_constant_slices=not args.no_dedup,
         cache_dir=args.cache_dir,
     )
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """``--server``: run the heavy work on a Raptor server (``raptor serve``) instead of in this process."""
+    g = parser.add_argument_group("Raptor server (the model runs there; default: in this process)")
+    g.add_argument("--server", default=os.environ.get("RAPTOR_SERVER") or None, metavar="URL",
+                   help="a Raptor server, e.g. https://gpu-host:8765 (default: env RAPTOR_SERVER, else none)")
+    g.add_argument("--token-file", default=None, help="file holding the server's token (default: env RAPTOR_TOKEN)")
+    g.add_argument("--tls-ca", default=None, metavar="PEM", help="certificate authority to trust for an https server")
+
+
+def client_from_args(args: argparse.Namespace):
+    from ..server.client import RaptorClient, token_from
+
+    return RaptorClient(args.server, token_from(args.token_file), cafile=args.tls_ca)

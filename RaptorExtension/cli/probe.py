@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
+from .options import add_server_options
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -89,25 +90,13 @@ def add_parser(sub) -> None:
     explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
+    add_server_options(explain)
     explain.set_defaults(func=run_explain)
 
 
-def _stem(path: Path) -> Path:
-    name = path.name
-    for suffix in (".raptorprobe", ".npz", ".json"):
-        if name.endswith(suffix):
-            return path.with_name(name[: -len(suffix)])
-    return path.with_suffix("")
-
-
 def run_fit(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write_text
-    from ..probes.metrics import (
-        CLASSIFICATION_TASKS,
-        metrics_table,
-        plot_pred_vs_true,
-        plot_roc,
-    )
+    from ..probes.fit_outputs import write_fit_outputs
+    from ..probes.metrics import metrics_table
     from ..probes.probe import (
         PAPER_C_GRID,
         FitOptions,
@@ -127,26 +116,14 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     result = fit_probe(embeddings, labels, options, progress=say)
     probe = result.probe
-    probe.name = output.name.removesuffix(".raptorprobe")
-    probe.save(output)
-    report = Path(args.report) if args.report else Path(f"{_stem(output)}_metrics.json")
-    atomic_write_text(report, json.dumps({"task": probe.task, "model": probe.model, "classes": probe.classes,
-                                          "selection": probe.training.get("selection"), "metrics": probe.metrics,
-                                          "warnings": result.warnings},
-                                         indent=2, sort_keys=True) + "\n")
-    if probe.task in CLASSIFICATION_TASKS:
-        plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_roc.png")
-        plot_roc(plot, probe.task, result.predictions, probe.classes)
-    else:
-        plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_pred.png")
-        plot_pred_vs_true(plot, result.predictions, probe.classes)
+    written = write_fit_outputs(result, output, metrics=args.report, plot=args.plot)
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
     print(metrics_table(probe.metrics, probe.task))
     for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
         print(f"raptor: warning: {warning}", file=sys.stderr)
-    print(f"raptor: wrote {output}, {report}, {plot}", file=sys.stderr)
+    print(f"raptor: wrote {written.probe}, {written.metrics}, {written.plot}", file=sys.stderr)
     return 0
 
 
@@ -191,16 +168,42 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
-    from ..encoding.model import model_summary
-    from ..encoding.pipeline import Embedder
-    from ..probes.explain import embed_settings_for, explain_volume
-    from ..probes.figure import curves_csv, render_explanation
+    from ..probes.figure import curves_csv
     from ..probes.probe import Probe
-    from ..volumes.readers import read_volume
 
     probe = Probe.load(args.probe)
     if not probe.is_linear:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")
+    if args.server:
+        volume_id, ex = _explain_on_server(args)
+    else:
+        volume_id, ex = _explain_here(args, probe)
+    written = [args.output]
+    if args.heatmap:
+        from ..volumes.slicer_io import write_volume_file
+
+        write_volume_file(ex.heatmap, ex.input_ijk_to_ras, args.heatmap, what="heatmap")
+        written.append(args.heatmap)
+    if args.curves:
+        atomic_write_text(args.curves, curves_csv(ex))
+        written.append(args.curves)
+    kind = "logit" if probe.task != "regression" else "value"
+    print(f"{volume_id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
+          f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
+    for i, plane in enumerate(ex.planes):
+        top = ex.top_slice(i)
+        print(f"  {plane:9s} sum {ex.slice_curves[i].sum():+.4f}; top slice {top} ({ex.slice_curves[i][top]:+.4f})")
+    print(f"raptor: wrote {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
+def _explain_here(args: argparse.Namespace, probe):
+    from ..encoding.model import model_summary
+    from ..encoding.pipeline import Embedder
+    from ..probes.explain import embed_settings_for, explain_volume
+    from ..probes.figure import render_explanation
+    from ..volumes.readers import read_volume
+
     volume = read_volume(args.volume)
     settings = embed_settings_for(probe, model=args.model, device=args.device, batch_size=args.batch_size,
                                   cache_dir=args.cache_dir)
@@ -212,20 +215,35 @@ def run_explain(args: argparse.Namespace) -> int:
     explained = explain_volume(probe, embedder, volume)
     ex = explained.explain(args.output_name)
     render_explanation(ex, args.output, slices=args.slices)
-    written = [args.output]
-    if args.heatmap:
-        from ..volumes.slicer_io import write_volume_file
+    return volume.id, ex
 
-        write_volume_file(ex.heatmap, ex.input_ijk_to_ras, args.heatmap, what="heatmap")
-        written.append(args.heatmap)
-    if args.curves:
-        atomic_write_text(args.curves, curves_csv(ex))
-        written.append(args.curves)
-    kind = "logit" if probe.task != "regression" else "value"
-    print(f"{volume.id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
-          f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
-    for i, plane in enumerate(ex.planes):
-        top = ex.top_slice(i)
-        print(f"  {plane:9s} sum {ex.slice_curves[i].sum():+.4f}; top slice {top} ({ex.slice_curves[i][top]:+.4f})")
-    print(f"raptor: wrote {', '.join(written)}", file=sys.stderr)
-    return 0
+
+def _explain_on_server(args: argparse.Namespace):
+    """Send the probe and the volume to a Raptor server; fetch the explanation and its figure."""
+    import tempfile
+
+    from ..atomic import atomic_write
+    from ..probes.explanation import load_explanation
+    from ..server.client import finished_or_raise
+    from ..server.remote import file_sender, send_volume
+    from ..volumes.readers import expand_input
+    from .options import client_from_args
+
+    client = client_from_args(args)
+    client.health()
+    refs = expand_input(args.volume)
+    if len(refs) != 1:
+        raise RaptorError(f"{args.volume}: holds {len(refs)} volumes; pick one with {args.volume}#test_0")
+    print(f"raptor: sending the probe and {refs[0].id} to {client.url}", file=sys.stderr)
+    request = {"kind": "explain", "probe": {"upload": file_sender(args.probe, "probe").run(client)},
+               **send_volume(client, refs[0]), "output": args.output_name, "model": args.model, "device": args.device,
+               "slices": args.slices, "batch_size": args.batch_size}
+    job = client.submit(request)
+    snapshot = finished_or_raise(client.wait(job["id"]), refs[0].id)
+    files = snapshot["result"]["files"]
+    with atomic_write(args.output) as handle:
+        handle.write(client.fetch(job["id"], files["figure"]))
+    with tempfile.TemporaryDirectory() as folder:
+        ex = load_explanation(client.fetch_to(job["id"], files["explanation"], f"{folder}/explanation.npz"))
+    client.forget(job["id"])
+    return snapshot["result"]["id"], ex

@@ -53,6 +53,11 @@ class Anonymizer:
             )
         self._key = salt.encode("utf-8")
 
+    @property
+    def salt(self) -> str:
+        """The secret itself (to hand the same job to a Raptor server; never printed or logged)."""
+        return self._key.decode("utf-8")
+
     @classmethod
     def from_options(cls, salt: str | None) -> "Anonymizer":
         return cls(salt if salt is not None else os.environ.get(SALT_ENV, ""))

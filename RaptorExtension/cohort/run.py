@@ -73,13 +73,17 @@ def run_batch(
     progress: ProgressCallback | None = None,
     cancel=None,
     embedder=None,
+    load_embedder=None,
 ) -> BatchSummary:
     """Run (or resume) a batch job; returns its summary.  See the module docstring.
 
-    ``embedder``: an already loaded :class:`.pipeline.Embedder` to reuse (Slicer
-    keeps one); its settings then win over ``job.settings``.
+    ``embedder``: an already loaded :class:`..encoding.pipeline.Embedder` to
+    reuse; its settings then win over ``job.settings``.  ``load_embedder``:
+    ``f(settings) -> Embedder`` used instead of loading a model of its own (a
+    server shares its loaded models this way); called only when there is one
+    device and once the plan is known.
     """
-    from ..encoding.pipeline import EmbedSettings
+    from ..encoding.settings import EmbedSettings
 
     if job.settings is None:
         job.settings = embedder.settings if embedder is not None else EmbedSettings()
@@ -104,7 +108,7 @@ def run_batch(
 
             run.report(phase="loading model", message=f"loading {job.settings.model}")
             settings = with_device(job.settings, devices[0])
-            embedder = Embedder(settings)
+            embedder = (load_embedder or Embedder)(settings)
         if embedder is not None:
             _run_in_process(run, plan, preset, embedder, loader, summary, previous)
         else:

@@ -24,43 +24,10 @@ from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
 from ..volumes.volume import Volume, VolumeRef, validate_volume
-from .model import DEFAULT_MODEL, Encoder, load_encoder
+from .model import Encoder, load_encoder
 from .projection import GENERATOR_NAME, gaussian_projection, projection_sha256
-from .triaxial import PLANES, TriaxialEncoder, TriaxialResult
-
-DEFAULT_GRID = 256
-
-
-@dataclass
-class EmbedSettings:
-    """Everything that decides an embedding's bits (and a few speed knobs that do not)."""
-
-    model: str = DEFAULT_MODEL
-    k: int = 100
-    seed: int = 0
-    grid: int | str = DEFAULT_GRID
-    preset: str = "auto"
-    ct_window: tuple[float, float] | None = None
-    planes: tuple[str, ...] = PLANES
-    keep_cls: bool = False
-    image_size: int | None = None
-    # Speed and placement only: they do not change what the embedding means.
-    device: str = "auto"
-    batch_size: int | None = None
-    dedup_constant_slices: bool = True
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.grid, str):
-            if self.grid != "native":
-                try:
-                    self.grid = int(self.grid)
-                except ValueError:
-                    raise RaptorError(f"grid must be a number of voxels or 'native' (got {self.grid!r})") from None
-        if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
-            raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
-        self.planes = tuple(self.planes)
-
+from .settings import DEFAULT_GRID, EmbedSettings
+from .triaxial import TriaxialEncoder, TriaxialResult
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(volume_id, slices_done, slices_total)``."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from ..encoding.triaxial import PLANES
 from ..errors import RaptorError
 from ..volumes.intensity import resolve_preset
 from ..volumes.volume import Volume
+from .explanation import Explanation
 from .probe import Probe
 
 
@@ -164,50 +165,6 @@ class VolumeExplanation:
                 plane += (self.cls_contributions[i][output] / (rows * cols))[:, None, None]
             heat += np.moveaxis(plane, 0, axis)
         return heat
-
-
-@dataclass
-class Explanation:
-    """One output explained: decision = bias + sum(slice_curves), and heatmaps that add up the same."""
-
-    output: str
-    decision: float
-    score: float
-    bias: float
-    planes: list[str]
-    plane_axes: list[int]
-    slice_curves: list[np.ndarray]
-    cube_heatmap: np.ndarray | None
-    heatmap: np.ndarray | None
-    """Float32 (K, J, I) in the input volume's voxel grid (its IJK-to-RAS)."""
-    cube: np.ndarray
-    cube_ijk_to_ras: np.ndarray | None
-    input_ijk_to_ras: np.ndarray
-    task: str
-    probe_name: str
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> float:
-        return float(sum(c.sum() for c in self.slice_curves))
-
-    @property
-    def residual(self) -> float:
-        """decision - (bias + contributions): float rounding only (the embedding is stored as float32)."""
-        return self.decision - (self.bias + self.total)
-
-    def top_slice(self, plane: int) -> int:
-        """The slice of a plane that adds most to the decision."""
-        return int(np.argmax(self.slice_curves[plane]))
-
-    def slice_ras(self, plane: int, index: int) -> np.ndarray:
-        """RAS millimetres of the centre of a slice, for jumping Slicer's slice views to it."""
-        shape = self.cube.shape
-        centre = [(n - 1) / 2 for n in shape]
-        centre[self.plane_axes[plane]] = float(index)
-        a0, a1, a2 = centre
-        matrix = self.cube_ijk_to_ras if self.cube_ijk_to_ras is not None else self.input_ijk_to_ras
-        return (np.asarray(matrix) @ np.array([a2, a1, a0, 1.0]))[:3]
 
 
 def patch_overlap(length: int, patches: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
-from .explain import Explanation
+from .explanation import Explanation
 
 PLANE_TITLES = {"axial": "axial", "coronal": "coronal", "sagittal": "sagittal"}
 

@@ -1,30 +1,37 @@
-"""The Batch section of RaptorEmbed: a cohort from Slicer's DICOM database to one CSV, without freezing Slicer.
+"""The Batch section of RaptorEmbed: a cohort from Slicer's DICOM database to one CSV, on the Raptor server.
 
-Qt-free, like :mod:`.mrml_embed`, so it is tested headless.  The split of work:
+Qt-free, like :mod:`.embed`, so it is tested headless.  The split of work:
 
-* **Main thread** (``start``): list the series.  Inside Slicer that walks
-  ``slicer.dicomDatabase`` (a Qt object, main thread only) through
-  :func:`.dicomdb.discover_slicer_database`; tests and scripts pass the series
-  they found elsewhere (a ``ctkDICOM.sql`` file, a folder).
-* **Worker thread**: :func:`.batch.run_batch` with the module's already loaded
-  model, thread loaders (Slicer's Python cannot spawn loader processes
-  safely), progress snapshots on a queue, and a cancel event checked before
-  every encoder batch.  Every finished series is already a durable CSV row, so
-  cancelling or closing Slicer loses at most the series in flight, and
-  starting again resumes.
-* **Main thread** (``poll``, from a ``qt.QTimer``): drain the queue and call
-  the callbacks.
+* **Main thread** (``discoverSlicerDatabase``): list the series.  Inside
+  Slicer that walks ``slicer.dicomDatabase`` (a Qt object, main thread only)
+  through :func:`..cohort.dicomdb.discover_slicer_database`; tests and scripts
+  pass the series they found elsewhere (a ``ctkDICOM.sql`` file, a folder).
+* **The Raptor server** (``start``): the series' files and the CSV path go to
+  the server as a batch job, which runs :func:`..cohort.run.run_batch` with
+  its loaded model and loader processes.  The files must be readable there:
+  always true for the local server; for a remote one, the database must sit
+  on storage the server sees at the same path.  Every finished series is a
+  durable CSV row, so cancelling or closing Slicer loses at most the series
+  in flight, and starting again resumes.
+* **Main thread** (``poll``, from a ``qt.QTimer``): one short step of the job
+  (a status request at most every 0.2 s) and the callbacks.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from ..errors import Cancelled, RaptorError
+from ..cohort.job import BatchProgress
+from ..encoding.settings import EmbedSettings
+from ..errors import RaptorError
+from ..server.protocol import FINISHED
+from ..server.remote import server_settings
+from .compute import Compute, shared_compute
+from .remote_job import RemoteJob
 
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 
@@ -35,25 +42,31 @@ class BatchRun:
 
     csv: Path
     total_listed: int
+    remote: RemoteJob | None = field(default=None, repr=False)
     status: str = RUNNING
-    progress: object = None  # the latest batch.BatchProgress
-    summary: object = None  # batch.BatchSummary when finished
+    progress: BatchProgress | None = None
+    summary: object = None  # an object with line(), done, failed, skipped, errors_csv... when finished
     error: str | None = None
-    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    thread: threading.Thread | None = field(default=None, repr=False)
+    started: float = field(default_factory=time.monotonic)
 
 
 class BatchLogic:
-    """Runs one cohort batch at a time in a worker thread, reusing the embed logic's loaded model."""
+    """Runs one cohort batch at a time on the Raptor server that the embed logic uses."""
 
-    def __init__(self, embedLogic=None) -> None:
-        from .embed import EmbedLogic
-
-        self.embedLogic = embedLogic if embedLogic is not None else EmbedLogic()
-        self._queue: queue.Queue = queue.Queue()
+    def __init__(self, embedLogic=None, compute: Compute | None = None) -> None:
+        self.embedLogic = embedLogic
+        self._compute = compute
         self._run: BatchRun | None = None
         self._progressCallback: Callable | None = None
         self._completionCallback: Callable | None = None
+
+    @property
+    def compute(self) -> Compute:
+        if self._compute is not None:
+            return self._compute
+        if self.embedLogic is not None:
+            return self.embedLogic.compute
+        return shared_compute()
 
     # ------------------------------------------------------------------
     @staticmethod
@@ -76,87 +89,108 @@ class BatchLogic:
         self,
         items,
         csvPath: str | Path,
-        settings,
+        settings: EmbedSettings,
         *,
         anonymizeSalt: str | None = None,
         progressCallback: Callable | None = None,
         completionCallback: Callable | None = None,
     ) -> BatchRun:
-        """Start embedding ``items`` (series listed on the main thread) into ``csvPath``."""
-        from ..cohort.anonymize import Anonymizer
-        from ..cohort.job import BatchJob, BatchSources
-
+        """Start embedding ``items`` (series listed on the main thread) into ``csvPath`` on the server."""
         if self.isRunning():
             raise RaptorError("a batch is already running; cancel it or wait for it to finish")
-        if self.embedLogic.isRunning():
+        if self.embedLogic is not None and self.embedLogic.isRunning():
             raise RaptorError("an embedding is running in this module; wait for it before starting a batch")
         items = list(items)
         if not items:
             raise RaptorError("no series to embed: the DICOM database has none that pass the filters")
-        job = BatchJob(
-            csv=csvPath,
-            sources=BatchSources(items=items),
-            settings=settings,
-            readers=1,
-            loader="threads",
-            anonymizer=Anonymizer(anonymizeSalt) if anonymizeSalt else None,
-        )
-        run = BatchRun(csv=Path(csvPath), total_listed=len(items))
+        if anonymizeSalt:
+            from ..cohort.anonymize import Anonymizer
+
+            Anonymizer(anonymizeSalt)  # refuse a short salt here, before anything is sent
+        csv = Path(csvPath).expanduser().resolve()
+        request = {
+            "kind": "batch",
+            "settings": server_settings(settings),
+            "sources": {"items": [_item_json(item) for item in items]},
+            "csv": str(csv),
+            "anonymize_salt": anonymizeSalt or None,
+            "readers": 2,
+        }
+        run = BatchRun(csv=csv, total_listed=len(items),
+                       remote=RemoteJob(self.compute, request, label=f"batch into {csv.name}"))
         self._run = run
         self._progressCallback = progressCallback
         self._completionCallback = completionCallback
-        run.thread = threading.Thread(target=self._work, args=(run, job), name="raptor-batch", daemon=True)
-        run.thread.start()
         return run
-
-    def _work(self, run: BatchRun, job) -> None:
-        """Worker thread: never touches MRML or Qt; reports through the queue."""
-        from ..cohort.run import run_batch
-
-        try:
-            embedder = self.embedLogic.embedderFor(job.settings)
-            summary = run_batch(job, progress=lambda p: self._queue.put(("progress", run, p)),
-                                cancel=run.cancel_event, embedder=embedder)
-            self._queue.put(("finished", run, summary))
-        except Cancelled:
-            self._queue.put(("cancelled", run, None))
-        except RaptorError as exc:
-            self._queue.put(("failed", run, str(exc)))
-        except Exception as exc:  # keep Slicer alive and say what happened in one line
-            self._queue.put(("failed", run, f"the batch stopped unexpectedly: {type(exc).__name__}: {exc}"))
 
     def cancel(self) -> None:
         """Stop after the current encoder batch; finished rows stay in the CSV (a rerun resumes)."""
-        if self._run is not None:
-            self._run.cancel_event.set()
+        if self._run is not None and self._run.remote is not None:
+            self._run.remote.cancel()
 
     def poll(self) -> bool:
-        """Main thread: deliver queued events to the callbacks; True while a batch is running."""
-        while True:
-            try:
-                kind, run, payload = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "progress":
-                run.progress = payload
-                if self._progressCallback:
-                    self._progressCallback(payload)
-                continue
-            if kind == "finished":
-                run.summary = payload
-                run.status = CANCELLED if payload.cancelled else DONE
-            elif kind == "cancelled":
+        """Main thread: one step of the job, then the callbacks; True while a batch is running."""
+        run = self._run
+        if run is None or run.status != RUNNING:
+            return False
+        remote = run.remote
+        before = remote.snapshot
+        remote.step()
+        if remote.snapshot is not before and remote.snapshot:
+            run.progress = _progress_of(remote.snapshot, run.started)
+            if self._progressCallback:
+                self._progressCallback(run.progress)
+        if remote.finished:
+            result = (remote.snapshot or {}).get("result") or {}
+            if remote.state == DONE:
+                run.summary = _summary_of(result)
+                run.status = CANCELLED if result.get("cancelled") else DONE
+            elif remote.state == CANCELLED:
                 run.status = CANCELLED
             else:
-                run.status, run.error = FAILED, payload
+                run.status, run.error = FAILED, remote.error
             if self._completionCallback:
                 self._completionCallback(run)
         return self.isRunning()
 
     def wait(self, timeout: float | None = None) -> BatchRun | None:
         """Block until the batch ends (scripts and tests), delivering callbacks."""
-        run = self._run
-        if run is not None and run.thread is not None:
-            run.thread.join(timeout)
-        self.poll()
-        return run
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            time.sleep(0.01)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        return self._run
+
+
+def _item_json(item) -> dict:
+    return {"paths": list(item.paths), "kind": item.kind, "series_uid": item.series_uid, "study_uid": item.study_uid,
+            "patient_id": item.patient_id, "modality": item.modality, "description": item.description,
+            "user_id": item.user_id, "key": item.key, "sorted_files": bool(item.sorted_files),
+            "n_slices": item.n_slices}
+
+
+def _progress_of(snapshot: dict, started: float) -> BatchProgress:
+    extra = snapshot.get("extra") or {}
+    failed = int(extra.get("failed", 0))
+    return BatchProgress(
+        phase="finished" if snapshot.get("state") in FINISHED else (snapshot.get("stage") or "queued"),
+        total=int(snapshot.get("total") or 0),
+        done=max(0, int(snapshot.get("done") or 0) - failed), failed=failed, skipped=int(extra.get("skipped", 0)),
+        current=str(extra.get("current", "")), slices_done=int(extra.get("slices_done", 0)),
+        slices_total=int(extra.get("slices_total", 0)), elapsed=time.monotonic() - started,
+        message=snapshot.get("message") or None,
+    )
+
+
+def _summary_of(result: dict):
+    line = str(result.get("summary", ""))
+    return SimpleNamespace(
+        line=lambda: line, done=int(result.get("done", 0)), skipped=int(result.get("skipped", 0)),
+        failed=int(result.get("failed", 0)), total=int(result.get("total", 0)),
+        cancelled=bool(result.get("cancelled")), csv=Path(result.get("csv", "")),
+        errors_csv=Path(result.get("errors_csv", "")),
+    )
+
+
+__all__ = ["BatchLogic", "BatchRun", "RUNNING", "DONE", "CANCELLED", "FAILED"]

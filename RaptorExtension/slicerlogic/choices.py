@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..names import KNOWN_MODELS, PRESETS
 
 if TYPE_CHECKING:
-    from ..encoding.pipeline import EmbedSettings
+    from ..encoding.settings import EmbedSettings
 
 
 # Choices offered by the module panel: the engine's own lists, from the torch-free
@@ -58,7 +58,7 @@ def settings_from_choices(
     ``facebook/dinov2-with-registers-large`` (or one imported into the cache).
     """
     from ..encoding.model_cache import REPO_ID_RE
-    from ..encoding.pipeline import EmbedSettings
+    from ..encoding.settings import EmbedSettings
 
     if model == OTHER_MODEL_CHOICE:
         text = (other_model or "").strip()

@@ -1,80 +1,70 @@
-"""The RaptorEmbed module's logic, without Qt: embed a volume node in a worker thread.
+"""The RaptorEmbed module's logic, without Qt: embed a volume node on the Raptor server.
 
 Decision: the logic lives in the engine package.  ``RaptorEmbed.py`` (which
 imports qt, ctk and ScriptedLoadableModule, so it only loads inside Slicer)
 subclasses :class:`EmbedLogic` and adds nothing testable; this module runs
-headless with ``slicer-core`` and is tested against a real ``vtkMRMLScene``.
+headless with ``slicer-core`` and is tested against a real ``vtkMRMLScene``
+and a real server.
 
-Threading, the one rule: **only the main thread touches MRML**.
+Where the work runs: never in Slicer's process.  Slicer's main thread keeps
+Python's GIL while Qt idles, so a worker thread there crawls (33 times slower
+in a measured imitation); the model runs in a Raptor server instead, local
+(started on first use) or remote (:mod:`.compute`).
+
+The one rule that stays: **only the main thread touches MRML**.
 
 1. :meth:`EmbedLogic.embed` (main thread) copies the voxels and the
    IJK-to-RAS matrix into a :class:`~RaptorExtension.volumes.volume.Volume`
-   (``volumes.slicer_io.volume_from_node``) and starts a worker thread with it
-   (:mod:`.embed_job`).
-2. The worker loads (or reuses) the model, embeds the copy and puts
-   progress, result and error events on a :class:`queue.Queue`.  It never
-   sees a node.
-3. The main thread calls :meth:`EmbedLogic.poll` (from a ``qt.QTimer`` in
-   Slicer, in a loop in scripts and tests), which drains the queue, calls the
-   callbacks and, on success, writes the attributes on the node.
+   (``volumes.slicer_io.volume_from_node``) and creates a
+   :class:`~.remote_job.RemoteJob` that will send them as NRRD pieces.
+2. :meth:`EmbedLogic.poll` (from a ``qt.QTimer`` in Slicer, in a loop in
+   scripts and tests) advances the job by one short step, calls the progress
+   callback, and on success writes the attributes on the node.
 
-Cancelling sets a :class:`threading.Event` that the engine checks before every
-batch of slices.  Closing the scene or deleting the node cancels the job (a
-scene observer); a result that arrives for a cancelled job is dropped, so a
-node gets a complete embedding or none, never part of one.
+Cancelling asks the server to stop at its next batch of slices.  Closing the
+scene or deleting the node cancels the job (a scene observer); a result that
+arrives for a cancelled job is dropped, so a node gets a complete embedding or
+none, never part of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..embeddings.embedding import Embedding
+from ..encoding.settings import EmbedSettings
 from ..errors import Cancelled, InputError, RaptorError
-from .embed_job import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    CompletionCallback,
-    EitherToken,
-    EmbedJob,
-    EmbedProgress,
-    ProgressCallback,
-    run_worker,
-)
+from ..server.remote import embedding_from_bytes, server_settings, volume_info, volume_sender
+from .compute import Compute, shared_compute
+from .embed_job import CANCELLED, DONE, FAILED, CompletionCallback, EmbedJob, ProgressCallback
 from .node_attributes import node_label, write_embedding
 from .provenance import node_provenance
+from .remote_job import RemoteJob
 from .scene_embeddings import SceneEmbeddings
-
-if TYPE_CHECKING:  # torch is imported only when a job runs (it is installed at first use)
-    from ..encoding.model import Encoder
-    from ..encoding.pipeline import Embedder, EmbedSettings
 
 log = logging.getLogger(__name__)
 
 
 class EmbedLogic(SceneEmbeddings):
-    """Embed volume nodes in a background thread and keep the results on the nodes.
+    """Embed volume nodes on the Raptor server and keep the results on the nodes.
 
-    ``scene`` defaults to ``slicer.mrmlScene``.  One job runs at a time; the
-    loaded model is kept between runs (see :meth:`embedderFor`).
+    ``scene`` defaults to ``slicer.mrmlScene``; ``compute`` to the session's
+    shared :class:`~.compute.Compute` (one server and one loaded model for
+    both modules).  One job runs at a time.
     """
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self, scene=None, compute: Compute | None = None) -> None:
         self._scene = scene
+        self._compute = compute
         self.job: EmbedJob | None = None
-        self._embedder: "Embedder | None" = None
-        self._encoders: dict[str, "Encoder"] = {}
-        self._embedder_lock = threading.Lock()
         self._observed_scene = None
         self._observer_tags: list[int] = []
 
-    # -- scene -----------------------------------------------------------
+    # -- scene and server ------------------------------------------------------
     @property
     def scene(self):
         if self._scene is not None:
@@ -83,69 +73,19 @@ class EmbedLogic(SceneEmbeddings):
 
         return slicer.mrmlScene
 
-    # -- model -----------------------------------------------------------
-    def useEncoder(self, encoder: "Encoder") -> None:
-        """Serve ``settings.model == encoder.name`` from this already-built encoder.
-
-        For a model made in memory (a random-init test model, a fine-tuned
-        backbone): it is used as is, whatever the device and image size asked.
-        """
-        with self._embedder_lock:
-            self._encoders[encoder.name] = encoder
-            if self._embedder is not None and self._embedder.settings.model == encoder.name:
-                self._embedder = None
-
-    @staticmethod
-    def _reload_key(settings: "EmbedSettings") -> tuple:
-        """Settings that need the model loaded again; the others only rebuild the projection."""
-        return (settings.model, settings.device, settings.image_size, settings.cache_dir)
-
-    def embedderFor(self, settings: "EmbedSettings") -> "Embedder":
-        """The :class:`Embedder` for these settings, reusing the loaded model when possible.
-
-        Same model, device, image size and cache: the encoder is shared and
-        only the projection (K, seed) and the slicing options are rebuilt,
-        which takes milliseconds instead of reloading gigabytes of weights.
-        Runs in the worker thread (loading may download); guarded by a lock.
-        """
-        from ..encoding.pipeline import Embedder
-
-        with self._embedder_lock:
-            cached = self._embedder
-            if cached is not None and cached.settings == settings:
-                return cached
-            if settings.model in self._encoders:
-                embedder = Embedder(settings, encoder=self._encoders[settings.model])
-            elif cached is not None and self._reload_key(cached.settings) == self._reload_key(settings):
-                embedder = Embedder(settings, encoder=cached.encoder)
-            else:
-                self._embedder = None
-                cached = None
-                _release_gpu_memory()
-                embedder = Embedder(settings)
-            self._embedder = embedder
-            return embedder
-
-    def needsDownload(self, settings: "EmbedSettings") -> bool:
-        """True when the model is a hub id that is not cached yet (and the hub may be used)."""
-        from ..encoding.model_cache import hub_offline, is_cached
-
-        if settings.model in self._encoders or hub_offline():
-            return False
-        return not is_cached(settings.model, settings.cache_dir)
-
     @property
-    def embedder(self) -> "Embedder | None":
-        """The model loaded by the last run (None before the first)."""
-        return self._embedder
+    def compute(self) -> Compute:
+        return self._compute if self._compute is not None else shared_compute()
 
-    def unloadModel(self) -> None:
-        """Free the loaded model (GPU memory) until the next run needs it."""
+    @compute.setter
+    def compute(self, value: Compute) -> None:
+        self._compute = value
+
+    def unloadModel(self) -> bool:
+        """Free the server's loaded model (GPU memory) until the next job needs it."""
         if self.isRunning():
             raise RaptorError("cannot unload the model while an embedding is running")
-        with self._embedder_lock:
-            self._embedder = None
-        _release_gpu_memory()
+        return self.compute.unload()
 
     # -- running -----------------------------------------------------------
     def isRunning(self) -> bool:
@@ -154,7 +94,7 @@ class EmbedLogic(SceneEmbeddings):
     def embed(
         self,
         volumeNode,
-        settings: "EmbedSettings | None" = None,
+        settings: EmbedSettings | None = None,
         *,
         waitForCompletion: bool = False,
         progressCallback: ProgressCallback | None = None,
@@ -166,41 +106,34 @@ class EmbedLogic(SceneEmbeddings):
 
         ``settings`` default to :class:`EmbedSettings` (DINOv2-L, K=100, grid
         256); keyword ``overrides`` change single fields (``k=10, grid=128``).
-        ``cancel`` is an optional extra token (anything with ``is_set()``)
-        checked with the job's own one.
+        ``cancel`` is an optional extra token (anything with ``is_set()``),
+        checked at every poll.
 
         With ``waitForCompletion=True`` this returns the :class:`Embedding`
         (raising :class:`RaptorError` on failure, :class:`Cancelled` when
         cancelled).  Otherwise it returns the running :class:`EmbedJob` at
         once; call :meth:`poll` regularly on the main thread to receive
-        ``progressCallback(EmbedProgress)`` and ``completionCallback(job)``.
+        ``progressCallback(JobProgress)`` and ``completionCallback(job)``.
         """
-        from ..encoding.pipeline import EmbedSettings
         from ..volumes.slicer_io import volume_from_node
 
         if self.isRunning():
             raise RaptorError(f"an embedding of {self.job.node_name} is already running; cancel it or wait for it")
         node = self._check_node(volumeNode)
         settings = dataclasses.replace(settings or EmbedSettings(), **overrides) if overrides else (settings or EmbedSettings())
-        if settings.cache_dir is None:
-            from ..encoding.model_cache import model_cache_dir
-
-            settings = dataclasses.replace(settings, cache_dir=str(model_cache_dir()))
         provenance = node_provenance(node)
         volume = volume_from_node(
             node, id=node_label(node), source=provenance["source"], modality=provenance["modality"], info=provenance["info"]
         )
+        request = {"kind": "embed", "settings": server_settings(settings), "volume_info": volume_info(volume)}
+        remote = RemoteJob(self.compute, request, uploads=[("volume", volume_sender(volume))], fetch=["embedding"],
+                           label=node_label(node))
         job = EmbedJob(
-            node=node, node_id=node.GetID(), node_name=node_label(node), settings=settings,
-            progress_callback=progressCallback, completion_callback=completionCallback,
+            node=node, node_id=node.GetID(), node_name=node_label(node), settings=settings, remote=remote,
+            progress_callback=progressCallback, completion_callback=completionCallback, cancel_token=cancel,
         )
-        token = EitherToken(job.cancel_event, cancel)
         self._observe(node.GetScene())
-        job.thread = threading.Thread(
-            target=run_worker, args=(job, volume, self, token), name="raptor-embed", daemon=True
-        )
         self.job = job
-        job.thread.start()
         if not waitForCompletion:
             return job
         return self.wait(job)
@@ -210,98 +143,77 @@ class EmbedLogic(SceneEmbeddings):
         job = job or self.job
         if job is None:
             raise RaptorError("no embedding is running")
-        while True:
-            self.poll()
-            if job.finished:
-                break
-            if job.thread is not None:
-                job.thread.join(0.05)
+        while self.poll():
             self._idle()
+            time.sleep(0.002)
         if job.status == DONE:
             return job.embedding
         if job.status == CANCELLED:
             raise Cancelled(f"{job.node_name}: {job.cancel_reason or 'cancelled'}; nothing was written")
-        if job.exception is not None:  # the engine's own error class (InputError, ModelError, ...)
-            raise job.exception.with_traceback(None) from None
         raise RaptorError(job.error or f"{job.node_name}: embedding failed")
 
     def _idle(self) -> None:
         """Called while :meth:`wait` blocks; Slicer's logic processes Qt events here."""
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
-        """Cancel the running job (takes effect before the next batch of slices)."""
+        """Cancel the running job (the server stops before its next batch of slices)."""
         if self.job is not None:
             self.job.cancel(reason)
 
     def poll(self) -> bool:
-        """Handle what the worker reported; returns True while a job is still running.
+        """Advance the job by one short step; returns True while it is still running.
 
         Main thread only: this is where callbacks run and attributes are written.
         """
         job = self.job
-        if job is None:
+        if job is None or job.finished:
             return False
-        while not job.finished:
-            try:
-                event = job.events.get_nowait()
-            except queue.Empty:
-                break
-            self._handle(job, event)
+        if job.cancel_token is not None and job.cancel_token.is_set():
+            job.cancel()
+        remote = job.remote
+        remote.step()
+        if remote.progress is not job.progress:
+            job.progress = remote.progress
+            if job.progress_callback is not None:
+                job.progress_callback(job.progress)
+        if remote.finished:
+            self._conclude(job)
         return not job.finished
 
-    def _handle(self, job: EmbedJob, event: tuple) -> None:
-        kind = event[0]
-        now = time.perf_counter()
-        if kind == "stage":
-            job.progress = EmbedProgress(event[1], detail=event[2], seconds_elapsed=now - job.started)
-            self._report(job)
-        elif kind in ("progress", "download"):
-            done, total = int(event[1]), int(event[2])
-            if job._rate_started is None or job._rate_kind != kind:
-                job._rate_started, job._rate_kind, job._rate_done = now, kind, done
-            elapsed = now - job._rate_started
-            progressed = done - job._rate_done
-            eta = elapsed / progressed * (total - done) if progressed > 0 and elapsed > 0 else None
-            if kind == "progress":
-                job.progress = EmbedProgress("encoding", done, total, "slices", now - job.started, eta)
-            else:
-                mb = 1024 * 1024
-                job.progress = EmbedProgress("downloading model", done // mb, max(1, total // mb), "MB", now - job.started, eta)
-            self._report(job)
-        elif kind == "done":
-            embedding = event[1]
-            if job.cancel_event.is_set():
-                self._finish(job, CANCELLED)
-                return
-            node = self._live_node(job)
-            if node is None:
-                job.cancel_reason = job.cancel_reason or "the volume was removed from the scene"
-                self._finish(job, CANCELLED)
-                return
-            try:
-                write_embedding(node, embedding)
-            except RaptorError as exc:
-                job.error = str(exc)
-                self._finish(job, FAILED)
-                return
-            job.embedding = embedding
-            self._finish(job, DONE)
-        elif kind == "cancelled":
+    def _conclude(self, job: EmbedJob) -> None:
+        remote = job.remote
+        if remote.state == CANCELLED or job.cancel_reason is not None:
             self._finish(job, CANCELLED)
-        elif kind == "failed":
-            job.error = event[1]
-            job.exception = event[2] if len(event) > 2 else None
+            return
+        if remote.state == FAILED:
+            job.error = remote.error
             self._finish(job, FAILED)
-
-    def _report(self, job: EmbedJob) -> None:
-        if job.progress_callback is not None:
-            job.progress_callback(job.progress)
+            return
+        try:
+            embedding = embedding_from_bytes(remote.results["embedding"], job.node_name)
+        except RaptorError as exc:
+            job.error = str(exc)
+            self._finish(job, FAILED)
+            return
+        node = self._live_node(job)
+        if node is None:
+            job.cancel_reason = job.cancel_reason or "the volume was removed from the scene"
+            self._finish(job, CANCELLED)
+            return
+        try:
+            write_embedding(node, embedding)
+        except RaptorError as exc:
+            job.error = str(exc)
+            self._finish(job, FAILED)
+            return
+        job.embedding = embedding
+        self._finish(job, DONE)
 
     def _finish(self, job: EmbedJob, status: str) -> None:
         job.status = status
         job.seconds = time.perf_counter() - job.started
         if status == CANCELLED and not job.cancel_reason:
-            job.cancel_reason = "cancelled"
+            job.cancel_reason = job.remote.cancel_reason or "cancelled"
         job.node = None  # do not keep a removed node alive
         self._unobserve()
         if status == FAILED:
@@ -364,11 +276,14 @@ class EmbedLogic(SceneEmbeddings):
 
         return model_cache_dir()
 
-    @staticmethod
-    def setModelCacheFolder(folder) -> Path:
+    def setModelCacheFolder(self, folder) -> Path:
+        """Use another model cache; a local server is restarted (at its next job) to use it too."""
         from ..encoding.model_cache import set_model_cache_dir
 
-        return set_model_cache_dir(folder)
+        folder = set_model_cache_dir(folder)
+        if self.compute.is_local and not self.isRunning():
+            self.compute.local.stop()
+        return folder
 
     @staticmethod
     def cachedModels():
@@ -382,28 +297,25 @@ class EmbedLogic(SceneEmbeddings):
 
         if self.isRunning():
             raise RaptorError("cannot clear the model cache while an embedding is running")
-        self.unloadModel()
+        try:
+            self.unloadModel()
+        except RaptorError:  # no server yet, or it is busy with a batch: the files are what matters
+            pass
         return clear_model_cache(repo_ids=repoIds)
 
     def importModelFolder(self, folder, repoId: str | None = None) -> str:
-        """Copy a local model folder into the cache (validated) and return the model id to use."""
-        from ..encoding.model_cache import import_model_folder
+        """Copy a model folder into the server's cache (checked to load offline) and return the model id to use.
 
+        The check loads the model, so it runs on the server (this process never
+        imports PyTorch); a remote server can import only folders on its own disk.
+        """
         if self.isRunning():
             raise RaptorError("cannot import a model while an embedding is running")
-        return import_model_folder(folder, repoId)
-
-
-
-
-def _release_gpu_memory() -> None:
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        request = {"kind": "import_model", "folder": str(Path(folder).expanduser().resolve()), "repo_id": repoId or None}
+        job = RemoteJob(self.compute, request, label=f"import of {folder}").wait(idle=self._idle)
+        if job.state != DONE:
+            raise RaptorError(job.error or f"the import of {folder} was cancelled")
+        return job.snapshot["result"]["repo_id"]
 
 
 __all__ = ["EmbedLogic"]

@@ -13,17 +13,20 @@ What it makes in the scene
     position, contribution) and a line chart of the three curves.  Clicking a
     curve point maps back to a slice through :meth:`ProbeLogic.jumpToSlice`.
 
-Threading follows RaptorEmbed's rule: the explain worker thread gets a copy
-of the voxels (a :class:`~RaptorExtension.volume.Volume`) and never touches
-MRML; :meth:`ProbeLogic.poll` on the main thread turns its result into nodes.
-Embedding a node that has no embedding yet is the panel's job (it calls the
-RaptorEmbed logic); scripts can pass ``embedHook`` to do the same here.
+Where the work runs follows RaptorEmbed's rule: explaining and fitting run on
+the Raptor server (:mod:`.compute`), never in Slicer's process.  The main
+thread copies the voxels (a :class:`~RaptorExtension.volumes.volume.Volume`),
+a :class:`~.remote_job.RemoteJob` sends them with the probe, and
+:meth:`ProbeLogic.poll` (from a timer) advances the job one short step and
+turns the returned explanation into nodes.  Applying a probe to a stored
+embedding is a dot product and stays here.  A node that has no embedding yet
+is embedded by the RaptorEmbed logic on the same server (``embedHook`` lets
+scripts do the same).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +38,9 @@ import numpy as np
 from ..embeddings.embedding import Embedding
 from ..errors import Cancelled, InputError, RaptorError
 from ..probes.probe import Probe
+from .compute import Compute, shared_compute
 from .node_attributes import node_label, read_embedding
+from .remote_job import RemoteJob
 
 SCORES_TABLE_PREFIX = "Raptor scores: "
 HEATMAP_ATTRIBUTE = "Raptor.HeatmapOf"
@@ -69,21 +74,19 @@ class ProbeResult:
 
 @dataclass
 class ExplainJob:
-    """An explanation running in a worker thread."""
+    """An explanation running on the Raptor server."""
 
     node_id: str
     node_name: str
     probe: Probe
     output_name: str | None
-    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
-    cancel_event: threading.Event = field(default_factory=threading.Event)
+    remote: RemoteJob
     progress_callback: Callable[[int, int], None] | None = None
     completion_callback: Callable[["ExplainJob"], None] | None = None
     status: str = "running"
     error: str | None = None
     explanation: Any = None
     nodes: dict = field(default_factory=dict)
-    thread: threading.Thread | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -91,11 +94,30 @@ class ExplainJob:
         return self.status != "running"
 
     def cancel(self) -> None:
-        self.cancel_event.set()
+        self.remote.cancel()
 
 
-EmbedderProvider = Callable[[Any], Any]
-"""``provider(EmbedSettings) -> Embedder``: lets Slicer share RaptorEmbed's loaded model."""
+@dataclass
+class FitJob:
+    """A probe being fitted on the Raptor server; its files are written beside ``output`` when it ends."""
+
+    output: Path
+    remote: RemoteJob
+    completion_callback: Callable[["FitJob"], None] | None = None
+    status: str = "running"
+    error: str | None = None
+    probe: Probe | None = None
+    report: str = ""
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+    def cancel(self) -> None:
+        self.remote.cancel()
+
+
 EmbedHook = Callable[[Any, Any], Embedding]
 """``hook(volumeNode, EmbedSettings) -> Embedding``: embeds a node that has no embedding yet."""
 
@@ -103,14 +125,13 @@ EmbedHook = Callable[[Any, Any], Embedding]
 class ProbeLogic:
     """Load probes, apply them to embedded volume nodes, explain them as MRML nodes."""
 
-    def __init__(self, scene=None, *, embedderProvider: EmbedderProvider | None = None,
-                 embedHook: EmbedHook | None = None) -> None:
+    def __init__(self, scene=None, *, compute: Compute | None = None, embedHook: EmbedHook | None = None) -> None:
         self._scene = scene
+        self._compute = compute
         self.probes: list[Probe] = []
-        self.embedderProvider = embedderProvider
         self.embedHook = embedHook
-        self._embedders: dict[tuple, Any] = {}
         self.job: ExplainJob | None = None
+        self.fitJob: FitJob | None = None
         self.lastExplanation = None
         self.scoresNodes: tuple = (None, None)
         """(table, bar chart) of the last :meth:`apply`."""
@@ -122,6 +143,14 @@ class ProbeLogic:
         import slicer
 
         return slicer.mrmlScene
+
+    @property
+    def compute(self) -> Compute:
+        return self._compute if self._compute is not None else shared_compute()
+
+    @compute.setter
+    def compute(self, value: Compute) -> None:
+        self._compute = value
 
     # -- probes ------------------------------------------------------------
     def loadProbe(self, path: str | Path) -> Probe:
@@ -212,28 +241,14 @@ class ProbeLogic:
         return table_node, chart
 
     # -- explanations ----------------------------------------------------------
-    def embedderFor(self, settings):
-        """An :class:`Embedder` for these settings, reusing a loaded model (or RaptorEmbed's, via the provider)."""
-        if self.embedderProvider is not None:
-            return self.embedderProvider(settings)
-        from ..encoding.pipeline import Embedder
-
-        key = (settings.model, settings.device, settings.image_size, settings.cache_dir)
-        cached = self._embedders.get(key)
-        if cached is not None and cached.settings == settings:
-            return cached
-        embedder = Embedder(settings, encoder=cached.encoder if cached is not None else None)
-        self._embedders = {key: embedder}
-        return embedder
-
     def explain(self, volumeNode, probe: Probe, outputName: str | None = None, *, waitForCompletion: bool = True,
                 progressCallback=None, completionCallback=None, model: str | None = None, device: str = "auto"):
-        """Explain a probe on a volume node in a worker thread; nodes are made by :meth:`poll`.
+        """Explain a probe on a volume node on the Raptor server; nodes are made by :meth:`poll`.
 
         With ``waitForCompletion`` this blocks and returns the :class:`ExplainJob`
         (its ``explanation`` and ``nodes`` filled in) or raises the error.
         """
-        from ..probes.explain import embed_settings_for
+        from ..server.remote import volume_info, volume_sender
         from ..volumes.slicer_io import volume_from_node
 
         if self.job is not None and not self.job.finished:
@@ -241,78 +256,172 @@ class ProbeLogic:
         _check_volume(volumeNode)
         if not probe.is_linear:
             raise RaptorError(f"probe {probe.label()} is an MLP; only linear probes can be explained exactly")
-        settings = embed_settings_for(probe, model=model, device=device)
         volume = volume_from_node(volumeNode, id=node_label(volumeNode), source=node_label(volumeNode),
                                   modality=volumeNode.GetAttribute("DICOM.Modality"))
+        request = {"kind": "explain", "volume_info": volume_info(volume), "output": outputName, "model": model,
+                   "device": device}
+        uploads = [("volume", volume_sender(volume))]
+        self._probe_input(probe, request, uploads)
         job = ExplainJob(node_id=volumeNode.GetID(), node_name=node_label(volumeNode), probe=probe, output_name=outputName,
+                         remote=RemoteJob(self.compute, request, uploads=uploads, fetch=["explanation"],
+                                          label=f"explanation of {node_label(volumeNode)}"),
                          progress_callback=progressCallback, completion_callback=completionCallback)
-        job.thread = threading.Thread(target=self._work, args=(job, volume, settings), name="raptor-explain", daemon=True)
         self.job = job
-        job.thread.start()
         if not waitForCompletion:
             return job
-        while not job.finished:
-            job.thread.join(0.05)
-            self.poll()
+        while self.poll():
+            self._idle()
+            time.sleep(0.002)
         if job.status == "failed":
             raise RaptorError(job.error or "the explanation failed")
         if job.status == "cancelled":
             raise Cancelled()
         return job
 
-    def _work(self, job: ExplainJob, volume, settings) -> None:
-        """Worker thread: no MRML here."""
-        from ..probes.explain import explain_volume
+    def _probe_input(self, probe: Probe, request: dict, uploads: list) -> None:
+        """The probe file by path for a local server, else uploaded (an unsaved probe is saved first)."""
+        from ..server.remote import file_sender
 
-        try:
-            embedder = self.embedderFor(settings)
-            explained = explain_volume(
-                job.probe, embedder, volume, cancel=job.cancel_event,
-                progress=lambda _id, done, total: job.events.put(("progress", done, total)),
-            )
-            job.events.put(("done", explained.explain(job.output_name, device=embedder.encoder.device)))
-        except Cancelled:
-            job.events.put(("cancelled",))
-        except RaptorError as exc:
-            job.events.put(("failed", str(exc)))
-        except Exception as exc:  # a failure deep in torch/VTK becomes one line, never a crash
-            job.events.put(("failed", f"{job.node_name}: explanation failed ({type(exc).__name__}: {exc})"))
+        path = Path(probe.path) if probe.path else None
+        if path is None or not path.is_file():
+            folder = Path(tempfile.mkdtemp(prefix="raptor-probe-"))
+            path = probe.save(folder / "probe.raptorprobe")
+        if self.compute.is_local:
+            request["probe"] = {"path": str(path.resolve())}
+        else:
+            uploads.append(("probe", file_sender(path, "probe")))
+
+    def _idle(self) -> None:
+        """Called while a blocking call waits; Slicer's logic processes Qt events here."""
 
     def poll(self) -> bool:
-        """Main thread: handle worker events; returns True while the job runs."""
+        """Main thread: advance the running explanation and fit by one step each; True while one runs."""
+        running = False
         job = self.job
-        if job is None:
-            return False
-        while not job.finished:
-            try:
-                event = job.events.get_nowait()
-            except queue.Empty:
-                break
-            if event[0] == "progress" and job.progress_callback is not None:
-                job.progress_callback(event[1], event[2])
-            elif event[0] == "done":
-                node = self.scene.GetNodeByID(job.node_id)
-                if node is None or job.cancel_event.is_set():
-                    job.status = "cancelled"
-                else:
-                    try:
-                        job.explanation = event[1]
-                        job.nodes = self.showExplanation(node, event[1])
-                        self.lastExplanation = event[1]
-                        job.status = "done"
-                    except RaptorError as exc:
-                        job.error, job.status = str(exc), "failed"
-            elif event[0] == "cancelled":
+        if job is not None and not job.finished:
+            job.remote.step()
+            progress = job.remote.progress
+            if job.progress_callback is not None and progress.unit == "slices" and progress.total:
+                job.progress_callback(progress.done, progress.total)
+            if job.remote.finished:
+                self._conclude_explain(job)
+            running = not job.finished
+        fit = self.fitJob
+        if fit is not None and not fit.finished:
+            fit.remote.step()
+            if fit.remote.finished:
+                self._conclude_fit(fit)
+            running = running or not fit.finished
+        return running
+
+    def _conclude_explain(self, job: ExplainJob) -> None:
+        from ..probes.explanation import load_explanation
+
+        remote = job.remote
+        if remote.state == "done":
+            node = self.scene.GetNodeByID(job.node_id)
+            if node is None:
                 job.status = "cancelled"
-            elif event[0] == "failed":
-                job.error, job.status = event[1], "failed"
-            if job.finished and job.completion_callback is not None:
-                job.completion_callback(job)
-        return not job.finished
+            else:
+                try:
+                    with tempfile.TemporaryDirectory() as folder:
+                        target = Path(folder) / "explanation.npz"
+                        target.write_bytes(remote.results["explanation"])
+                        explanation = load_explanation(target)
+                    job.explanation = explanation
+                    job.nodes = self.showExplanation(node, explanation)
+                    self.lastExplanation = explanation
+                    job.status = "done"
+                except RaptorError as exc:
+                    job.error, job.status = str(exc), "failed"
+        elif remote.state == "cancelled":
+            job.status = "cancelled"
+        else:
+            job.error, job.status = remote.error, "failed"
+        if job.completion_callback is not None:
+            job.completion_callback(job)
 
     def cancel(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        for job in (self.job, self.fitJob):
+            if job is not None and not job.finished:
+                job.cancel()
+
+    # -- fitting -----------------------------------------------------------------
+    def fit(self, embeddings: str | Path, labels: str | Path, output: str | Path, *, model: str = "auto",
+            select: str = "val", cGrid: Sequence[float] | None = None, waitForCompletion: bool = False,
+            completionCallback=None) -> FitJob:
+        """Fit a probe on the server from an embedding CSV (or ``.npz`` folder) and a labels CSV.
+
+        The probe, ``<name>_metrics.json`` and the ROC (or predicted-vs-true) PNG
+        are written beside ``output``, as ``raptor probe fit`` writes them.
+        """
+        from ..server.remote import file_sender
+
+        if self.fitJob is not None and not self.fitJob.finished:
+            raise RaptorError("a fit is already running; cancel it or wait for it")
+        embeddings, labels, output = (path_or_none(p) for p in (embeddings, labels, output))
+        if embeddings is None or labels is None or output is None:
+            raise InputError("choose an embedding CSV, a labels CSV and where to save the probe")
+        for path, what in ((embeddings, "embeddings"), (labels, "labels")):
+            if not path.exists():
+                raise InputError(f"{path}: no such file ({what})")
+        if not output.name.endswith(".raptorprobe"):
+            output = output.with_name(output.name + ".raptorprobe")
+        options = {"model": model, "select": select}
+        if cGrid:
+            options["c_grid"] = [float(c) for c in cGrid]
+        request = {"kind": "fit", "options": options, "name": output.name, "embeddings": [None], "labels": None}
+        uploads = []
+        if self.compute.is_local:
+            request["embeddings"] = [{"path": str(embeddings.resolve())}]
+            request["labels"] = {"path": str(labels.resolve())}
+        else:
+            if embeddings.is_dir():
+                raise InputError(f"{embeddings}: a remote server takes an embedding CSV, not a folder")
+            uploads = [("embeddings.0", file_sender(embeddings, "table")), ("labels", file_sender(labels, "labels"))]
+        job = FitJob(output=output, completion_callback=completionCallback,
+                     remote=RemoteJob(self.compute, request, uploads=uploads, fetch=["probe", "metrics", "plot"],
+                                      label=f"fit of {output.name}"))
+        self.fitJob = job
+        if waitForCompletion:
+            while self.poll():
+                self._idle()
+                time.sleep(0.002)
+            if job.status == "failed":
+                raise RaptorError(job.error or "the fit failed")
+            if job.status == "cancelled":
+                raise Cancelled()
+        return job
+
+    def _conclude_fit(self, job: FitJob) -> None:
+        from ..atomic import atomic_write
+        from ..probes.fit_outputs import output_stem
+
+        remote = job.remote
+        if remote.state == "done":
+            files = remote.snapshot["result"]["files"]
+            stem = output_stem(job.output)
+            plot_suffix = "_roc.png" if files["plot"].endswith("_roc.png") else "_pred.png"
+            targets = {"probe": job.output, "metrics": Path(f"{stem}_metrics.json"), "plot": Path(f"{stem}{plot_suffix}")}
+            try:
+                for name, target in targets.items():
+                    with atomic_write(target) as handle:
+                        handle.write(remote.results[name])
+                    job.files.append(target)
+                job.probe = Probe.load(job.output)
+                result = remote.snapshot["result"]
+                job.report = "\n".join([result.get("table", ""), *(f"Warning: {w}" for w in result.get("warnings", []))])
+                job.status = "done"
+            except OSError as exc:
+                job.error, job.status = f"{job.output}: cannot write ({exc.strerror or exc})", "failed"
+            except RaptorError as exc:
+                job.error, job.status = str(exc), "failed"
+        elif remote.state == "cancelled":
+            job.status = "cancelled"
+        else:
+            job.error, job.status = remote.error, "failed"
+        if job.completion_callback is not None:
+            job.completion_callback(job)
 
     # -- nodes ----------------------------------------------------------------
     def showExplanation(self, volumeNode, explanation) -> dict:
@@ -474,4 +583,14 @@ def _node_named(scene, class_name: str, name: str):
     return None
 
 
-__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob"]
+__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob", "FitJob", "path_or_none"]
+
+
+def path_or_none(value) -> Path | None:
+    """A path from a panel field; empty and ``.`` (what an unset path parameter shows) mean none."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text in ("", "."):
+        return None
+    return Path(text).expanduser()

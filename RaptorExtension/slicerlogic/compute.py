@@ -1,0 +1,100 @@
+"""Where the modules' jobs run: "This computer" (a local Raptor server) or "Raptor server" (a URL and a token).
+
+Both modules share one :class:`Compute` (:func:`shared_compute`), so an Embed,
+an Explain and a Batch share one server and its loaded model.  Slicer's
+process itself never imports PyTorch: every heavy job goes to the server.
+The settings the user chose are stored by the panel (Slicer's application
+settings); this class only takes them.
+"""
+
+from __future__ import annotations
+
+from ..errors import RaptorError
+from ..server.client import RaptorClient
+from ..server.launcher import LocalServer
+
+LOCAL, REMOTE = "local", "remote"
+
+
+class Compute:
+    """A connection to the server that runs this Slicer session's jobs."""
+
+    def __init__(self, mode: str = LOCAL, url: str = "", token: str = "", cafile: str | None = None,
+                 local: LocalServer | None = None) -> None:
+        self._local = local
+        self.configure(mode, url, token, cafile)
+
+    def configure(self, mode: str, url: str = "", token: str = "", cafile: str | None = None) -> None:
+        if mode not in (LOCAL, REMOTE):
+            raise RaptorError(f"compute mode must be {LOCAL} or {REMOTE} (got {mode!r})")
+        if mode == REMOTE and not (url or "").strip():
+            raise RaptorError("enter the Raptor server's address, e.g. https://gpu-host:8765")
+        self.mode, self.url, self.token, self.cafile = mode, (url or "").strip(), (token or "").strip() or None, cafile
+        self._remote = RaptorClient(self.url, self.token, cafile=cafile) if mode == REMOTE else None
+
+    @property
+    def is_local(self) -> bool:
+        return self.mode == LOCAL
+
+    @property
+    def local(self) -> LocalServer:
+        if self._local is None:
+            self._local = LocalServer()
+        return self._local
+
+    def client(self) -> RaptorClient | None:
+        """The client, or ``None`` while a local server is still starting (never blocks)."""
+        if self.mode == REMOTE:
+            return self._remote
+        return self.local.client()
+
+    def connect(self, timeout: float = 120.0) -> RaptorClient:
+        """Block until the server answers (scripts, tests, the Test button)."""
+        if self.mode == REMOTE:
+            self._remote.health()
+            return self._remote
+        return self.local.wait(timeout)
+
+    def health(self) -> dict:
+        return self.connect().health()
+
+    def where(self) -> str:
+        """Where jobs run, for the panel: ``this computer`` or the server's address."""
+        return "this computer" if self.is_local else self.url
+
+    def server_lost(self) -> None:
+        """The server stopped answering mid-job: a local one is started afresh for the next job."""
+        if self.is_local and self._local is not None and not self._local.running:
+            self._local.stop()
+
+    def unload(self) -> bool:
+        """Free the server's loaded model (GPU memory); False when there was none or no server yet."""
+        if self.is_local and (self._local is None or not self._local.running):
+            return False
+        return bool(self.connect().unload().get("unloaded"))
+
+    def shutdown(self) -> None:
+        if self._local is not None:
+            self._local.stop()
+
+
+_SHARED: Compute | None = None
+
+
+def shared_compute() -> Compute:
+    """The one :class:`Compute` of this Slicer session (local until the panel says otherwise)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = Compute()
+    return _SHARED
+
+
+def set_shared_compute(compute: Compute) -> Compute:
+    global _SHARED
+    if _SHARED is not None and _SHARED is not compute:
+        _SHARED.shutdown()
+    _SHARED = compute
+    return compute
+
+
+__all__ = ["Compute", "LOCAL", "REMOTE", "shared_compute", "set_shared_compute"]
