@@ -9,11 +9,11 @@ clicking a point of a curve moves the slice views to that slice.
 
 The widget only gathers inputs and shows results.  Everything testable lives
 in the engine package (``RaptorExtension.slicerlogic.probe.ProbeLogic``, Qt-free and
-tested headless against a real MRML scene).
+tested headless against a real MRML scene and a real Raptor server).
+Explaining and fitting run on the Raptor server (Compute section), never in
+Slicer's process; a timer advances them one short step at a time.
 """
 
-import concurrent.futures
-import logging
 import os
 import sys
 from pathlib import Path
@@ -50,7 +50,9 @@ _makeEngineImportable()
 
 from RaptorExtension.slicerlogic import dependencies  # noqa: E402  (no torch import: installed at first use)
 from RaptorExtension.errors import RaptorError  # noqa: E402
-from RaptorExtension.slicerlogic.probe import PLANE_ATTRIBUTE, ProbeLogic  # noqa: E402
+from RaptorExtension.probes.probe import PAPER_C_GRID, parse_grid  # noqa: E402
+from RaptorExtension.slicerlogic.probe import PLANE_ATTRIBUTE, ProbeLogic, path_or_none  # noqa: E402
+from RaptorEmbedLib.ComputeSection import ComputeSection  # noqa: E402
 
 POLL_INTERVAL_MSEC = 100
 PROBE_FOLDER_SETTINGS_KEY = "Raptor/ProbeFolder"
@@ -70,7 +72,7 @@ class RaptorProbe(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Raptor Probe")
         self.parent.categories = ["Raptor"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["RaptorEmbed"]
         self.parent.contributors = ["Raptor contributors"]
         self.parent.helpText = _("""
 Applies probes (small models fitted on Raptor embeddings) to the selected volume and shows class scores in a
@@ -135,8 +137,6 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
-        self._fitExecutor = None
-        self._fitFuture = None
         self._plotView = None
         self._heatmapNode = None
 
@@ -154,7 +154,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = RaptorProbeLogic()
 
-        # The explain worker and the fit worker report through queues/futures; this timer checks them.
+        # Explanations and fits run on the Raptor server; this timer advances them one short step at a time.
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MSEC)
         self._pollTimer.connect("timeout()", self.onPollTimer)
@@ -172,6 +172,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fitButton.connect("clicked(bool)", self.onFitButton)
 
         self.ui.progressBar.setVisible(False)
+        # Compute: this computer or a Raptor server, shared with the Raptor Embed module.
+        self.computeSection = ComputeSection(self.ui, busy=self.isBusy)
         self.initializeParameterNode()
         self.updateProbeList()
 
@@ -182,8 +184,6 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self._disconnectPlotView()
-        if self._fitExecutor is not None:
-            self._fitExecutor.shutdown(wait=False)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -226,6 +226,10 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
             self._checkCanRun()
 
+    def isBusy(self) -> bool:
+        jobs = (self.logic.job, self.logic.fitJob) if self.logic is not None else ()
+        return any(job is not None and not job.finished for job in jobs)
+
     def _checkCanRun(self, caller=None, event=None) -> None:
         hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
         hasProbes = bool(self.logic.probes)
@@ -237,9 +241,12 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.explainButton.text = _("Explain")
             self.ui.explainButton.enabled = hasInput and self.ui.explainProbeComboBox.count > 0
-        fitting = self._fitFuture is not None and not self._fitFuture.done()
+        fitting = self.logic.fitJob is not None and not self.logic.fitJob.finished
         p = self._parameterNode
-        self.ui.fitButton.enabled = bool(p and p.fitEmbeddings and p.fitLabels and p.fitOutput) and not fitting
+        # An unset path parameter reads Path("."), which is truthy: path_or_none treats it as unset.
+        ready = bool(p) and all(path_or_none(v) is not None for v in (p.fitEmbeddings, p.fitLabels, p.fitOutput))
+        self.ui.fitButton.enabled = ready and not fitting
+        self.ui.fitButton.text = _("Fitting...") if fitting else _("Fit")
         self.ui.removeProbeButton.enabled = self.ui.probesListWidget.currentRow >= 0
 
     # -- probes ------------------------------------------------------------------
@@ -349,8 +356,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if probe is None:
             return
         try:
-            if not dependencies.ensure_dependencies(askConfirmation=True):
-                self.ui.statusLabel.text = _("Raptor needs PyTorch and its Python packages; they were not installed.")
+            if not dependencies.ensure_server_dependencies(self.logic.compute):
+                self.ui.statusLabel.text = _("Installation cancelled: the local Raptor server needs PyTorch and its packages.")
                 return
             self.logic.explain(
                 self._parameterNode.inputVolume,
@@ -404,8 +411,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _connectPlotView(self) -> None:
         """Clicking (selecting) a point of a slice curve jumps the slice views to that slice.
 
-        qMRMLPlotView reports clicks through ``dataSelected(vtkStringArray*, vtkCollection*)``
-        when the plot view is in point-selection mode.
+        qMRMLPlotView reports clicks through ``dataSelected(vtkStringArray*, vtkCollection*)``.
         """
         layoutManager = slicer.app.layoutManager()
         plotWidget = layoutManager.plotWidget(0) if layoutManager else None
@@ -415,7 +421,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if plotView is self._plotView:
             return
         self._disconnectPlotView()
-        plotWidget.mrmlPlotViewNode().SetInteractionMode(slicer.vtkMRMLPlotViewNode.InteractionModeSelectPoints)
+        # The default (pan) mode already reports a click as a selection; other plots keep their panning.
         plotView.connect("dataSelected(vtkStringArray*, vtkCollection*)", self.onDataSelected)
         self._plotView = plotView
 
@@ -445,49 +451,37 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFitButton(self) -> None:
         p = self._parameterNode
         try:
-            if not dependencies.ensure_dependencies(askConfirmation=True):
+            grid = parse_grid(p.fitCGrid) if p.fitCGrid.strip() else PAPER_C_GRID
+            if not dependencies.ensure_server_dependencies(self.logic.compute):
+                self.ui.fitResultLabel.text = _("Installation cancelled.")
                 return
+            self.logic.fit(p.fitEmbeddings, p.fitLabels, p.fitOutput, model=p.fitModel, select=p.fitSelect, cGrid=grid,
+                           completionCallback=self.onFitCompleted)
         except RaptorError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        if self._fitExecutor is None:
-            self._fitExecutor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="raptor-fit")
-        self._fitFuture = self._fitExecutor.submit(
-            self.logic.fitAndSave, str(p.fitEmbeddings), str(p.fitLabels), str(p.fitOutput), p.fitModel, p.fitSelect,
-            p.fitCGrid
-        )
-        self.ui.fitResultLabel.text = _("Fitting...")
+        self.ui.fitResultLabel.text = _("Fitting on the Raptor server...")
         self._pollTimer.start()
         self._checkCanRun()
 
-    def _checkFit(self) -> bool:
-        """Main thread: show the finished fit; True while it runs."""
-        if self._fitFuture is None:
-            return False
-        if not self._fitFuture.done():
-            return True
-        future, self._fitFuture = self._fitFuture, None
-        try:
-            probe, table = future.result()
-        except RaptorError as exc:
-            self.ui.fitResultLabel.text = _("Failed")
-            slicer.util.errorDisplay(str(exc))
-        except Exception as exc:
-            logging.exception("Raptor probe fit failed")
-            slicer.util.errorDisplay(_("Fitting failed: {error}").format(error=exc))
+    def onFitCompleted(self, job) -> None:
+        if job.status == "done":
+            self.ui.fitResultLabel.text = "<pre>{report}</pre>{files}".format(
+                report=job.report, files=_("Written: {files}").format(files=", ".join(str(f) for f in job.files)))
+            self.logic.probes = [q for q in self.logic.probes if q.path is None or str(q.path) != str(job.probe.path)]
+            self.logic.probes.append(job.probe)
+            self.updateProbeList(select=job.probe)
+        elif job.status == "cancelled":
+            self.ui.fitResultLabel.text = _("Fit cancelled; nothing was written.")
         else:
-            self.ui.fitResultLabel.text = f"<pre>{table}</pre>"
-            self.logic.probes = [q for q in self.logic.probes if q.path is None or str(q.path) != str(probe.path)]
-            self.logic.probes.append(probe)
-            self.updateProbeList(select=probe)
+            self.ui.fitResultLabel.text = _("Failed")
+            slicer.util.errorDisplay(job.error)
         self._checkCanRun()
-        return False
 
     def onPollTimer(self) -> None:
-        explaining = self.logic.poll()
-        fitting = self._checkFit()
-        if not explaining and not fitting:
+        if not self.logic.poll():
             self._pollTimer.stop()
+            self._checkCanRun()
 
 
 #
@@ -511,6 +505,10 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
     def getParameterNode(self):
         return RaptorProbeParameterNode(super().getParameterNode())
 
+    def _idle(self) -> None:
+        """Keep Slicer responsive while a script waits for an explanation or a fit."""
+        slicer.app.processEvents()
+
     @staticmethod
     def describeProbe(probe) -> str:
         e = probe.embedding
@@ -523,28 +521,6 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
                  k=e.get("k"), seed=e.get("seed"), grid=e.get("grid"), preset=e.get("preset"),
                  cls=", with CLS tokens" if e.get("keep_cls") else "", metric=f"Test: {metric}" if metric else "")
 
-    @staticmethod
-    def fitAndSave(embeddings: str, labels: str, output: str, model: str = "auto", select: str = "val",
-                   cGrid: str = ""):
-        """Fit a probe with the engine (worker thread: no MRML), save it; returns (probe, metrics table + warnings)."""
-        from RaptorExtension.probes.metrics import metrics_table
-        from RaptorExtension.probes.probe import (
-            PAPER_C_GRID,
-            FitOptions,
-            fit_probe,
-            load_embeddings,
-            parse_grid,
-            read_labels,
-        )
-
-        grid = parse_grid(cGrid) if cGrid.strip() else PAPER_C_GRID
-        result = fit_probe(load_embeddings([embeddings]), read_labels(labels),
-                           FitOptions(model=model, select=select, c_grid=grid))
-        result.probe.name = Path(output).name.removesuffix(".raptorprobe")
-        result.probe.save(output)
-        table = metrics_table(result.probe.metrics, result.probe.task)
-        return result.probe, "\n".join([table, *(f"Warning: {w}" for w in result.warnings)])
-
 
 #
 # RaptorProbeTest
@@ -552,65 +528,104 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
 
 
 class RaptorProbeTest(ScriptedLoadableModuleTest):
-    """
-    This is the test case for your scripted module.
-    Uses ScriptedLoadableModuleTest base class, available at:
-    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """The module's self-test (Reload and Test, and ctest on Slicer's build machines).
+
+    Loading a probe and applying it to an embedding stored on a node need no
+    PyTorch and always run; explaining (the model, on the local Raptor server)
+    runs when PyTorch and the server's packages are installed, and otherwise
+    says that it was left out, without failing.
     """
 
     def setUp(self):
-        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Run as few or as many tests as needed here."""
         self.setUp()
-        self.test_RaptorProbeApplyAndExplain()
+        self.test_RaptorProbePanelAndApply()
+        self.setUp()
+        self.test_RaptorProbeExplainOnTheLocalServer()
 
-    def test_RaptorProbeApplyAndExplain(self):
-        """Embed a synthetic volume with a tiny random model, fit-free random probe, apply and explain it."""
+    @staticmethod
+    def _volumeWithStoredEmbedding():
+        """A synthetic volume carrying an embedding written without a model, and a probe that fits it."""
         import numpy as np
 
-        if not dependencies.dependencies_ready():
-            self.skipTest("PyTorch or Raptor's Python packages are not installed")
-        self.delayDisplay("Starting the test")
-        from RaptorExtension.encoding.model import encoder_from_model, random_dinov2
-        from RaptorExtension.slicerlogic.node_attributes import write_embedding
-        from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+        from RaptorExtension.embeddings.embedding import Embedding, build_metadata
         from RaptorExtension.probes.probe import Probe, embedding_description
-        from RaptorExtension.volumes.slicer_io import volume_from_node
-
-        model = random_dinov2(hidden_size=32, layers=2, heads=2, image_size=56, seed=0)
-        encoder = encoder_from_model(model, "raptor-selftest/random-dinov2", device="cpu", image_size=56)
-        settings = EmbedSettings(model=encoder.name, k=8, seed=0, grid=24, preset="minmax", device="cpu", batch_size=8)
-        embedder = Embedder(settings, encoder=encoder)
+        from RaptorExtension.slicerlogic.node_attributes import write_embedding
 
         k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 24, 28)], indexing="ij")
         voxels = (1000 * np.exp(-3 * ((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2)) - 500).astype(np.int16)
         volumeNode = slicer.util.addVolumeFromArray(voxels, name="RaptorProbeSelfTest")
-        write_embedding(volumeNode, embedder.embed_volume(volume_from_node(volumeNode, id="self", source="self")))
-
+        meta = build_metadata(encoder="selftest", weight_sha256="0" * 64, k=2, seed=0, projection_sha256="1" * 64,
+                              planes=["axial", "coronal", "sagittal"], grid=24, image_size=56, preset="minmax",
+                              keep_cls=False, shape=[3, 2, 2, 2], n_features=24, id="self")
+        write_embedding(volumeNode, Embedding(np.linspace(-1, 1, 24, dtype=np.float32), meta))
         rng = np.random.default_rng(0)
-        n = embedder.n_features
         probe = Probe(task="binary", model="logistic", classes=["normal", "finding"], label_columns=["y"],
-                      feature_mean=rng.normal(size=n), feature_scale=np.ones(n), weight=rng.normal(size=(1, n)),
-                      bias=np.zeros(1), embedding=embedding_description(embedder.settings_metadata("minmax")),
-                      name="selftest")
+                      feature_mean=np.zeros(24), feature_scale=np.ones(24), weight=rng.normal(size=(1, 24)),
+                      bias=np.zeros(1), embedding=embedding_description(meta), name="selftest")
         path = os.path.join(slicer.app.temporaryPath, "RaptorProbeSelfTest.raptorprobe")
         probe.save(path)
+        return volumeNode, path
 
+    def test_RaptorProbePanelAndApply(self):
+        """The panel builds; a probe file loads and applies to the stored embedding: table, chart, scores."""
+        self.delayDisplay("Panel, probe file, apply")
+        slicer.util.selectModule("RaptorProbe")
+        widget = slicer.modules.RaptorProbeWidget
+        self.assertFalse(widget.ui.fitButton.enabled)  # unset paths are unset, whatever the fields show
+        volumeNode, path = self._volumeWithStoredEmbedding()
         logic = RaptorProbeLogic()
-        logic.embedderProvider = lambda wanted: Embedder(wanted, encoder=encoder)
         logic.loadProbe(path)
         results = logic.apply(volumeNode)
         self.assertEqual(len(results), 1)
         self.assertAlmostEqual(float(results[0].scores.sum()), 1.0, places=6)
+        table, chart = logic.scoresNodes
+        self.assertEqual(table.GetNumberOfRows(), 2)
+        self.assertFalse(chart.GetYAxisRangeAuto())
+        self.delayDisplay("Test passed")
+
+    def test_RaptorProbeExplainOnTheLocalServer(self):
+        """Embed with a tiny random model on the local server, then explain a probe fitted to its settings."""
+        import subprocess
+
+        import numpy as np
+
+        from RaptorExtension.encoding.settings import EmbedSettings
+        from RaptorExtension.probes.probe import Probe, embedding_description
+        from RaptorExtension.server.launcher import python_for_server
+
+        if not dependencies.dependencies_ready():
+            self.delayDisplay("PyTorch and the server's packages are not installed: the explanation part of the "
+                              "self-test was left out (everything else passed)")
+            return
+        self.delayDisplay("Explaining on the local Raptor server")
+        folder = os.path.join(slicer.app.temporaryPath, "RaptorSelfTestModel")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            subprocess.run([python_for_server(), "-c", "import sys; from RaptorExtension.encoding.model import "
+                            "save_random_dinov2; save_random_dinov2(sys.argv[1], 'tiny')", folder], check=True)
+        import RaptorEmbed
+
+        volumeNode, _path = self._volumeWithStoredEmbedding()
+        volumeNode.RemoveAttribute("Raptor.Embedding")
+        volumeNode.RemoveAttribute("Raptor.Metadata")
+        settings = EmbedSettings(model=folder, k=8, seed=0, grid=24, preset="minmax", device="cpu", batch_size=8)
+        embedding = RaptorEmbed.RaptorEmbedLogic().embed(volumeNode, settings, waitForCompletion=True)
+        n = embedding.vector.size
+        rng = np.random.default_rng(0)
+        probe = Probe(task="binary", model="logistic", classes=["normal", "finding"], label_columns=["y"],
+                      feature_mean=rng.normal(size=n), feature_scale=np.ones(n), weight=rng.normal(size=(1, n)),
+                      bias=np.zeros(1), embedding=embedding_description(embedding.metadata), name="selftest")
+        path = os.path.join(slicer.app.temporaryPath, "RaptorProbeSelfTestExplain.raptorprobe")
+        probe.save(path)
+        logic = RaptorProbeLogic()
+        logic.loadProbe(path)
         job = logic.explain(volumeNode, logic.probes[0], "finding")
         ex = job.explanation
         self.assertLess(abs(ex.decision - (ex.bias + ex.total)), 1e-4)
         heatmap = job.nodes["heatmap"]
-        self.assertEqual(slicer.util.arrayFromVolume(heatmap).shape, voxels.shape)
+        self.assertEqual(slicer.util.arrayFromVolume(heatmap).shape, slicer.util.arrayFromVolume(volumeNode).shape)
         self.assertEqual(heatmap.GetAttribute("Raptor.HeatmapOf"), volumeNode.GetID())
-        ras = logic.jumpToSlice("axial", 3)
-        self.assertEqual(len(ras), 3)
+        self.assertEqual(len(logic.jumpToSlice("axial", 3)), 3)
         self.delayDisplay("Test passed")

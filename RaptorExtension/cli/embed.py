@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_embedding_options, add_server_options, non_negative_int, settings_from_args
+from .options import (
+    add_embedding_options,
+    add_server_options,
+    non_negative_int,
+    settings_from_args,
+)
 
 
 def add_embed_parser(sub) -> None:

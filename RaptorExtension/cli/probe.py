@@ -200,8 +200,9 @@ def run_explain(args: argparse.Namespace) -> int:
 def _explain_here(args: argparse.Namespace, probe):
     from ..encoding.model import model_summary
     from ..encoding.pipeline import Embedder
-    from ..probes.explain import embed_settings_for, explain_volume
+    from ..probes.explain import explain_volume
     from ..probes.figure import render_explanation
+    from ..probes.probe_settings import embed_settings_for
     from ..volumes.readers import read_volume
 
     volume = read_volume(args.volume)

@@ -302,23 +302,25 @@ DINOV2_SHAPES = {
     "B": dict(hidden_size=768, layers=12, heads=12),
     "L": dict(hidden_size=1024, layers=24, heads=16),
     "G": dict(hidden_size=1536, layers=40, heads=24),  # the real G has a SwiGLU MLP; close enough for speed
+    "tiny": dict(hidden_size=32, layers=2, heads=2),  # for self-tests: seconds on any CPU
 }
 """Transformer shapes of the DINOv2 sizes, for random-init stand-ins (speed does not depend on weights)."""
 
 
-def save_random_dinov2(folder: str | Path, arch: str = "L", *, seed: int = 0) -> Path:
+def save_random_dinov2(folder: str | Path, arch: str = "L", *, seed: int = 0, image_size: int | None = None) -> Path:
     """Write a random-init DINOv2 of a real size as a model folder any command can load with ``--model``.
 
     For speed benchmarks on machines that cannot reach the model hub: the
     folder loads through the same path as a downloaded model (config, weights,
-    preprocessor with ImageNet mean/std at 224 px).
+    preprocessor with ImageNet mean/std at 224 px; ``tiny`` uses 56 px).
     """
     folder = Path(folder)
-    model = random_dinov2(**DINOV2_SHAPES[arch], image_size=224, seed=seed)
+    size = image_size or (56 if arch == "tiny" else 224)
+    model = random_dinov2(**DINOV2_SHAPES[arch], image_size=size, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 224, "width": 224},
+        "crop_size": {"height": size, "width": size},
         "do_center_crop": True,
         "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225],

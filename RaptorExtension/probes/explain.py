@@ -52,13 +52,14 @@ import torch.nn.functional as F
 
 from ..embeddings.embedding import Embedding
 from ..embeddings.settings import settings_of
-from ..encoding.pipeline import Embedder, EmbedSettings
+from ..encoding.pipeline import Embedder
 from ..encoding.triaxial import PLANES
 from ..errors import RaptorError
 from ..volumes.intensity import resolve_preset
 from ..volumes.volume import Volume
 from .explanation import Explanation
 from .probe import Probe
+from .probe_settings import embed_settings_for, parse_preset
 
 
 @dataclass
@@ -219,44 +220,6 @@ def heatmap_to_input(
 
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-def embed_settings_for(probe: Probe, *, model: str | None = None, device: str = "auto", batch_size: int | None = None,
-                       cache_dir: str | None = None) -> EmbedSettings:
-    """The embedding settings a probe was fitted with, to embed a new volume the same way.
-
-    ``model`` overrides where the weights come from (a local folder instead of
-    a hub id); the weights' hash is still checked against the probe's.
-    """
-    e = probe.embedding
-    preset, window = parse_preset(str(e.get("preset") or "auto"))
-    planes = e.get("planes") or list(PLANES)
-    return EmbedSettings(
-        model=model or str(e.get("encoder") or ""),
-        k=int(e["k"]),
-        seed=int(e["seed"]),
-        grid=e["grid"],
-        preset=preset,
-        ct_window=window,
-        planes=tuple(planes),
-        keep_cls=bool(e.get("keep_cls")),
-        image_size=int(e["image_size"]) if e.get("image_size") else None,
-        device=device,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-    )
-
-
-def parse_preset(text: str) -> tuple[str, tuple[float, float] | None]:
-    """``ct[-1000,1000]`` -> ("ct", (-1000, 1000)); ``mri[p0.5,p99.5]`` -> ("mri", None); else (text, None)."""
-    name, _, rest = text.partition("[")
-    if name == "ct" and rest.endswith("]"):
-        try:
-            lo, hi = (float(v) for v in rest[:-1].split(","))
-            return "ct", (lo, hi)
-        except ValueError:
-            raise RaptorError(f"the probe records an unreadable CT window {text!r}") from None
-    return name, None
 
 
 def explain_volume(

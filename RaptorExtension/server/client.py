@@ -26,7 +26,14 @@ from pathlib import Path
 from ..atomic import atomic_write
 from ..errors import Cancelled, RaptorError
 from ..version import __version__
-from .protocol import API_VERSION, FINISHED, PREFIX, TOKEN_ENV, UPLOAD_SIZE_HEADER, compatible_versions
+from .protocol import (
+    API_VERSION,
+    FINISHED,
+    PREFIX,
+    TOKEN_ENV,
+    UPLOAD_SIZE_HEADER,
+    compatible_versions,
+)
 
 CHUNK_BYTES = 8 << 20
 

@@ -74,8 +74,11 @@ def _release_memory() -> None:
 
 
 def devices() -> list[dict]:
-    """What this server can compute on."""
-    import torch
+    """What this server can compute on (only the CPU, and a note, when PyTorch is not installed yet)."""
+    try:
+        import torch
+    except ImportError:
+        return [{"name": "cpu", "kind": "cpu", "note": "PyTorch is not installed on the server"}]
 
     found = [{"name": "cpu", "kind": "cpu", "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():

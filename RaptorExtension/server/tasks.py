@@ -293,11 +293,12 @@ def _prepare_explain(ctx: ServerContext, request: dict):
     batch_size = _field(request, "batch_size", int, what)
 
     def run(job: Job) -> None:
-        from ..probes.explain import embed_settings_for, explain_volume
+        from ..atomic import atomic_write_text
+        from ..probes.explain import explain_volume
         from ..probes.explanation import save_explanation
         from ..probes.figure import curves_csv, render_explanation
+        from ..probes.probe_settings import embed_settings_for
         from ..volumes.slicer_io import write_volume_file
-        from ..atomic import atomic_write_text
 
         settings = embed_settings_for(probe, model=model, device=device, batch_size=batch_size)
         if not settings.model:

@@ -78,6 +78,20 @@ class Compute:
             self._local.stop()
 
 
+def describe_health(info: dict, where: str) -> str:
+    """One line for the panel: version, where, devices, the loaded model and the queue."""
+    devices = ", ".join(
+        f"{d['name']} {d.get('model', '')} ({d['memory_gb']:.0f} GB)".replace("  ", " ") if d.get("kind") == "cuda" else d["name"]
+        for d in info.get("devices", [])
+    ) or "no device reported"
+    models = info.get("models") or []
+    loaded = "; ".join(f"{m['model']} on {m['device']} ({m['precision']})" for m in models) or "no model loaded"
+    queue = sum(int(v) for v in (info.get("queue") or {}).values())
+    running = len(info.get("running") or [])
+    return (f"raptor {info.get('version', '?')} on {where}: {devices}. Loaded: {loaded}. "
+            f"Jobs: {running} running, {queue} waiting.")
+
+
 _SHARED: Compute | None = None
 
 
@@ -97,4 +111,4 @@ def set_shared_compute(compute: Compute) -> Compute:
     return compute
 
 
-__all__ = ["Compute", "LOCAL", "REMOTE", "shared_compute", "set_shared_compute"]
+__all__ = ["Compute", "LOCAL", "REMOTE", "describe_health", "shared_compute", "set_shared_compute"]

@@ -88,17 +88,18 @@ def torch_installed() -> bool:
 
 
 def torch_summary() -> str:
-    """What the module panel shows: the torch version and the device Raptor will use."""
-    if not torch_installed():
-        return "PyTorch is not installed yet (it is installed the first time you embed)"
-    import torch
+    """What the module panel shows about PyTorch, read from the installed metadata.
 
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        name = torch.cuda.get_device_name(index)
-        memory = torch.cuda.get_device_properties(index).total_memory / 1024**3
-        return f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}: {name} ({memory:.0f} GB)"
-    return f"PyTorch {torch.__version__}, CPU only (no CUDA GPU visible; embedding is slow on the CPU)"
+    Slicer's own process never imports PyTorch (the local Raptor server does);
+    the device the server uses is what Compute > Test shows.
+    """
+    if not torch_installed():
+        return "PyTorch is not installed yet (it is installed the first time a job runs on this computer)"
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    return f"PyTorch {version}, used by the local Raptor server (Compute > Test shows its GPU)"
 
 
 def ensure_torch(askConfirmation: bool = True) -> bool:
@@ -111,13 +112,41 @@ def ensure_torch(askConfirmation: bool = True) -> bool:
         raise RaptorError(
             "Raptor needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, restart Slicer and try again"
         ) from None
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT
-    )
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT
+        )
+    except Exception as exc:  # pip failed (CalledProcessError) or the extension raised: one sentence
+        if _declined(exc):
+            return False
+        raise RaptorError(f"installing PyTorch failed: {install_failure(exc)}") from None
     if torch is None:
         return False
-    log.info("Raptor: installed PyTorch %s", torch.__version__)
+    log.info("Raptor: installed PyTorch")
     return True
+
+
+def _declined(exc: BaseException) -> bool:
+    """The user said no to an installation (Slicer 5.12's pip_ensure raises for that)."""
+    return type(exc).__name__ == "InstallationAbortedError" or "declined" in str(exc).lower()
+
+
+def install_failure(exc: BaseException, lines: int = 3) -> str:
+    """What pip said last, in one line: the reason an installation failed, without a traceback."""
+    import subprocess
+
+    text = ""
+    if isinstance(exc, subprocess.CalledProcessError):
+        for stream in (exc.stderr, exc.output):
+            if stream:
+                text = stream.decode("utf-8", "replace") if isinstance(stream, bytes) else str(stream)
+                break
+        if not text:
+            text = f"pip exited with status {exc.returncode}"
+    else:
+        text = str(exc) or type(exc).__name__
+    tail = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(tail) or type(exc).__name__
 
 
 def ensure_requirements(askConfirmation: bool = True) -> bool:
@@ -133,9 +162,10 @@ def ensure_requirements(askConfirmation: bool = True) -> bool:
         requirements = packaging.load_requirements(str(path))
         try:
             packaging.pip_ensure(requirements, requester=REQUESTER, **_prompt_argument(packaging.pip_ensure, askConfirmation))
-        except Exception as exc:  # declined, or pip failed: say which packages are missing
-            if type(exc).__name__ != "InstallationAbortedError":
-                raise RaptorError(f"installing Raptor's Python packages failed ({exc})") from None
+        except Exception as exc:  # declined (not a failure), or pip failed: pip's last words, in one line
+            if _declined(exc):
+                return False
+            raise RaptorError(f"installing Raptor's Python packages failed: {install_failure(exc)}") from None
     else:
         missing = missing_requirements(lines)
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
@@ -144,7 +174,10 @@ def ensure_requirements(askConfirmation: bool = True) -> bool:
             windowTitle="Install Python packages",
         ):
             return False
-        slicer.util.pip_install(missing)
+        try:
+            slicer.util.pip_install(missing)
+        except Exception as exc:  # CalledProcessError when pip fails (Slicer 5.10)
+            raise RaptorError(f"installing Raptor's Python packages failed: {install_failure(exc)}") from None
     importlib.invalidate_caches()
     return not missing_requirements(lines)
 
@@ -176,6 +209,13 @@ def ensure_dependencies(askConfirmation: bool = True) -> bool:
     return ensure_requirements(askConfirmation)
 
 
+def ensure_server_dependencies(compute, askConfirmation: bool = True) -> bool:
+    """What a job needs installed here: everything for a local server (it runs in Slicer's Python), nothing for a remote one."""
+    if not compute.is_local:
+        return True
+    return ensure_dependencies(askConfirmation)
+
+
 def dependencies_ready() -> bool:
     """True when everything is installed (checked without Slicer and without installing)."""
     try:
@@ -193,5 +233,7 @@ __all__ = [
     "ensure_torch",
     "ensure_requirements",
     "ensure_dependencies",
+    "ensure_server_dependencies",
     "dependencies_ready",
+    "install_failure",
 ]

@@ -38,9 +38,21 @@ from typing import Any
 from ..embeddings.embedding import Embedding
 from ..encoding.settings import EmbedSettings
 from ..errors import Cancelled, InputError, RaptorError
-from ..server.remote import embedding_from_bytes, server_settings, volume_info, volume_sender
+from ..server.remote import (
+    embedding_from_bytes,
+    server_settings,
+    volume_info,
+    volume_sender,
+)
 from .compute import Compute, shared_compute
-from .embed_job import CANCELLED, DONE, FAILED, CompletionCallback, EmbedJob, ProgressCallback
+from .embed_job import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    CompletionCallback,
+    EmbedJob,
+    ProgressCallback,
+)
 from .node_attributes import node_label, write_embedding
 from .provenance import node_provenance
 from .remote_job import RemoteJob

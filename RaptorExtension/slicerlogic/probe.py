@@ -171,7 +171,7 @@ class ProbeLogic:
         if embedding is None:
             if self.embedHook is None:
                 raise RaptorError(f"{node_label(volumeNode)}: has no Raptor embedding yet; embed it with RaptorEmbed first")
-            from ..probes.explain import embed_settings_for
+            from ..probes.probe_settings import embed_settings_for
 
             embedding = self.embedHook(volumeNode, embed_settings_for(probe))
         probe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), node_label(volumeNode))
@@ -235,6 +235,7 @@ class ProbeLogic:
         chart.SetXAxisTitle("class")
         chart.SetYAxisTitle("predicted value" if regression else "probability")
         if not regression:
+            chart.SetYAxisRangeAuto(False)  # qMRMLPlotView ignores the range while the automatic one is on
             chart.SetYAxisRange(0.0, 1.0)
         chart.SetLegendVisibility(False)
         self.scoresNodes = (table_node, chart)

@@ -1,0 +1,1 @@
+"""Qt pieces shared by the Raptor modules (Raptor Embed and Raptor Probe)."""
