@@ -108,3 +108,27 @@ def synthetic_volume(shape=(20, 24, 28), seed=0) -> np.ndarray:
     vol = 200 * np.exp(-((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2) * 3) + 40 * np.sin(3 * j + 2 * i)
     vol += rng.normal(0, 5, size=shape)
     return vol.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, with a login and a temporary store.
+
+    Skips, naming the packages, where they are not installed (./setup.sh
+    installs them when it runs as root on Debian or Ubuntu, as in CI).
+    """
+    from orthanc_server import OrthancServer, orthanc_missing
+
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    server = OrthancServer.start(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs(orthanc):
+    """The session's Orthanc, emptied for this test."""
+    orthanc.clear()
+    return orthanc

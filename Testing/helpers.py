@@ -104,3 +104,17 @@ def write_nrrd(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert storage.WriteData(node)
     return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines of dicom3tools' ``dciodvfy`` for a DICOM file (warnings are left out); skips without it."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy is not installed: needs dicom3tools (apt-get install dicom3tools; ./setup.sh does it as root)")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=300)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

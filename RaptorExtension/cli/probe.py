@@ -34,6 +34,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub) -> None:
+    from .dicom_outputs import add_stow_option
+    from .options import add_dicomweb_credentials
+
     probe = sub.add_parser("probe", help="fit, apply and inspect probes on embeddings",
                            description="Probes: small models on Raptor embeddings (logistic, ridge, MLP).")
     psub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
@@ -66,6 +69,11 @@ def add_parser(sub) -> None:
     apply.add_argument("probe", help="a .raptorprobe file")
     apply.add_argument("embeddings", nargs="+", help="embedding CSV(s), .npz file(s) or folder(s) of .npz")
     apply.add_argument("-o", "--output", default=None, help="scores CSV (default: print to standard output)")
+    apply.add_argument("--dicom-sr", default=None, metavar="OUTDIR",
+                       help="also write one DICOM SR (TID 1500 measurement report) per series, referencing it, into OUTDIR "
+                            "(embeddings of DICOM series: a folder or a DICOMweb series as their source)")
+    add_stow_option(apply)
+    add_dicomweb_credentials(apply)
     apply.set_defaults(func=run_apply)
 
     info = psub.add_parser("info", help="print what a probe predicts, its metrics and embedding settings")
@@ -76,7 +84,8 @@ def add_parser(sub) -> None:
     explain = sub.add_parser("explain", help="explain a probe's decision on one volume (PNG, heatmap, slice curves)",
                              description="Exact decomposition of a linear probe's logit over planes, slices and patches.")
     explain.add_argument("probe", help="a .raptorprobe file (logistic or ridge)")
-    explain.add_argument("volume", help="NRRD, NIfTI, MetaImage, DICOM folder, .npy, or file.npz#test_3")
+    explain.add_argument("volume", help="NRRD, NIfTI, MetaImage, DICOM folder, .npy, file.npz#test_3, or a DICOMweb series "
+                                        "URL (ROOT/studies/STUDY_UID/series/SERIES_UID)")
     explain.add_argument("-o", "--output", default="explanation.png", help="PNG to write (default explanation.png)")
     explain.add_argument("--model", default=None,
                          help="model id or local folder (default: the one recorded in the probe; weights must match)")
@@ -86,6 +95,12 @@ def add_parser(sub) -> None:
                          help="show each plane's highest-contribution slice (default) or the middle one")
     explain.add_argument("--heatmap", default=None, help="also write the heatmap in the input's geometry (.nrrd or .nii.gz)")
     explain.add_argument("--curves", default=None, help="also write the slice curves as CSV")
+    explain.add_argument("--dicom-pm", default=None, metavar="FILE.dcm",
+                         help="also write the heatmap as a DICOM Parametric Map in the series' geometry (DICOM input)")
+    explain.add_argument("--dicom-sr", default=None, metavar="FILE.dcm",
+                         help="also write the scores and the slice curves as a DICOM SR (TID 1500) (DICOM input)")
+    add_stow_option(explain)
+    add_dicomweb_credentials(explain)
     explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
@@ -163,6 +178,12 @@ def run_apply(args: argparse.Namespace) -> int:
         print(f"raptor: scored {len(scores.ids)} volume(s) -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if args.dicom_sr:
+        from .dicom_outputs import write_score_reports
+
+        return write_score_reports(args, probe, scores)
+    if args.stow is not None:
+        raise RaptorError("--stow sends DICOM results: give --dicom-sr OUTDIR too")
     return 0
 
 
@@ -196,12 +217,15 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..probes.explain import embed_settings_for, explain_volume
     from ..probes.figure import curves_csv, render_explanation
     from ..probes.probe import Probe
-    from ..volumes.readers import read_volume
+    from .dicom_outputs import check_explain_source, write_explain_results
 
     probe = Probe.load(args.probe)
     if not probe.is_linear:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")
-    volume = read_volume(args.volume)
+    if args.stow is not None and not (args.dicom_pm or args.dicom_sr):
+        raise RaptorError("--stow sends DICOM results: give --dicom-pm FILE.dcm and/or --dicom-sr FILE.dcm too")
+    source, came_from = check_explain_source(args)  # before the model loads: a NRRD has no series to reference
+    volume = _read_explained_volume(args)
     settings = embed_settings_for(probe, model=args.model, device=args.device, batch_size=args.batch_size,
                                   cache_dir=args.cache_dir)
     if not settings.model:
@@ -221,6 +245,8 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.curves:
         atomic_write_text(args.curves, curves_csv(ex))
         written.append(args.curves)
+    if source is not None:
+        written += write_explain_results(args, probe, explained, ex, source, came_from)
     kind = "logit" if probe.task != "regression" else "value"
     print(f"{volume.id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
           f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
@@ -229,3 +255,19 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"  {plane:9s} sum {ex.slice_curves[i].sum():+.4f}; top slice {top} ({ex.slice_curves[i][top]:+.4f})")
     print(f"raptor: wrote {', '.join(written)}", file=sys.stderr)
     return 0
+
+
+def _read_explained_volume(args: argparse.Namespace):
+    """A file or folder as ``raptor embed`` reads it, or a series retrieved from a DICOMweb server."""
+    from ..cohort.dicomweb import is_series_url, load_series, parse_series_url, series_item
+    from ..volumes.readers import read_volume
+    from ..volumes.volume import validate_volume
+    from .options import dicomweb_access
+
+    if not is_series_url(args.volume):
+        return read_volume(args.volume)
+    root, _study, series_uid = parse_series_url(args.volume)
+    access = dicomweb_access(args, root)
+    volume = load_series(access, series_item(access, args.volume), series_uid)
+    validate_volume(volume)
+    return volume

@@ -474,8 +474,10 @@ def parametric_map(
             device_serial_number="none",
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
+            # LINEAR_EXACT: contributions are often far below 1, and a plain LINEAR window may not be narrower than 1.
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * extent,
-                                                              window_explanation="symmetric about 0")],
+                                                              window_explanation="symmetric about 0",
+                                                              voi_lut_function="LINEAR_EXACT")],
             content_label="RAPTORHEATMAP",
             content_description=f"Raptor heatmap: {label}, {explanation.output}"[:64],
         )
@@ -484,6 +486,48 @@ def parametric_map(
         pm.Laterality = source.datasets[0].get("Laterality", "")  # the Image Plane module needs it present
     _add_coding_scheme(pm)
     return pm
+
+
+# ---------------------------------------------------------------------------
+# Where scored embeddings came from
+
+
+def embedding_origins(inputs: Sequence[str | Path]) -> dict[str, dict]:
+    """Per embedding id: ``source`` (folder(s) or DICOMweb series URL) and ``series_uid`` where recorded.
+
+    Read from the same inputs ``raptor probe apply`` scores: a table's
+    ``source`` and ``SeriesInstanceUID`` columns, an ``.npz``'s metadata.
+    Only those columns are parsed (a row's features are skipped).
+    """
+    import csv
+
+    from ..embeddings.embedding import Embedding
+
+    origins: dict[str, dict] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() == ".csv" and path.is_file():
+            with open(path, encoding="utf-8", newline="") as handle:
+                reader = csv.reader(handle)
+                header = next(reader, [])
+                column = {name: header.index(name) for name in ("id", "source", "SeriesInstanceUID") if name in header}
+                if "id" not in column:
+                    continue
+                for row in reader:
+                    if len(row) != len(header):
+                        continue
+                    origins[row[column["id"]]] = {
+                        "source": row[column["source"]] if "source" in column else "",
+                        "series_uid": row[column["SeriesInstanceUID"]] if "SeriesInstanceUID" in column else "",
+                    }
+            continue
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npz") if path.is_dir() else [path]
+        for f in files:
+            e = Embedding.load(f)
+            dicom = e.metadata.get("dicom") or {}
+            origins[e.id or f.stem] = {"source": str(e.metadata.get("source") or ""),
+                                       "series_uid": str(dicom.get("SeriesInstanceUID") or "")}
+    return origins
 
 
 # ---------------------------------------------------------------------------
@@ -526,5 +570,6 @@ __all__ = [
     "algorithm_parameters",
     "write_dicom",
     "result_file_name",
+    "embedding_origins",
     "RAPTOR_SCHEME",
 ]
