@@ -37,6 +37,16 @@ def orthanc_missing() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to end Orthanc when the test or bench process dies (a kill skips its teardown)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,7 +91,7 @@ class OrthancServer:
         logs = folder / "logs"
         logs.mkdir(exist_ok=True)
         process = subprocess.Popen([ORTHANC, f"--logdir={logs}", str(folder / "config.json")], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
+                                   stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         server = cls(folder, port, user, password, process)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

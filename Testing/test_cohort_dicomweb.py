@@ -87,13 +87,17 @@ def test_batch_over_dicomweb_equals_batch_over_the_same_files(pacs, cohort, tiny
     capsys.readouterr()
     wanted = f"{written[0].series_uid},{written[2].series_uid}"
     assert main(["batch", "--dicomweb", pacs.dicomweb, *login(pacs, tmp_path), "--csv", str(tmp_path / "f.csv"),
-                 "--series-uid", wanted, "--series-description", "axial 2$", "--dry-run", *common]) == 0
+                 "--series-uid", wanted, "--series-description", "axial 2$", "--modality", "CT", "--dry-run", *common]) == 0
     out = capsys.readouterr().out
     planned = [line.split("\t")[0] for line in out.splitlines() if "\t" in line]
     assert "1 series to embed; 1 left out by filters" in out and planned == [written[2].series_uid]
     assert main(["batch", "--dicomweb", pacs.dicomweb, *login(pacs, tmp_path), "--csv", str(tmp_path / "f.csv"),
                  "--study-date", "18000101-18001231", "--dry-run", *common]) == 0
     assert "0 series to embed" in capsys.readouterr().out
+    # One modality goes to the server as ModalitiesInStudy (where Orthanc ignores the page offset: listed once).
+    assert main(["batch", "--dicomweb", pacs.dicomweb, *login(pacs, tmp_path), "--csv", str(tmp_path / "f.csv"),
+                 "--modality", "CT", "--dry-run", *common]) == 0
+    assert "4 series to embed; 0 left out by filters" in capsys.readouterr().out
 
     # The loop closes: score the PACS' series, write one SR each and send them back (STOW-RS).
     settings = tiny_settings(tiny_model_dir, preset="minmax")

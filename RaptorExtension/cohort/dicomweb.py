@@ -194,8 +194,8 @@ def _series_entries(client, filters: SeriesFilter, cancel) -> list[tuple[dict, d
     if filters.series_uids:
         studies: dict[str, dict] = {}
         for uid in filters.series_uids:
-            found = client.search_for_series(search_filters={**series_filters, "SeriesInstanceUID": uid},
-                                             fields=list(_SERIES_FIELDS), get_remaining=True)
+            found = _paged(client.search_for_series, "SeriesInstanceUID",
+                           search_filters={**series_filters, "SeriesInstanceUID": uid}, fields=list(_SERIES_FIELDS))
             for entry in found:
                 study_uid = _value(entry, "StudyInstanceUID")
                 if study_uid not in studies:
@@ -211,15 +211,44 @@ def _series_entries(client, filters: SeriesFilter, cancel) -> list[tuple[dict, d
     studies_found: list[dict] = []
     for uid in filters.study_uids or (None,):
         search = dict(study_filters, **({"StudyInstanceUID": uid} if uid else {}))
-        studies_found += client.search_for_studies(search_filters=search, fields=list(_STUDY_FIELDS), get_remaining=True)
+        studies_found += _paged(client.search_for_studies, "StudyInstanceUID", search_filters=search,
+                                fields=list(_STUDY_FIELDS))
     for study in studies_found:
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         study_uid = _value(study, "StudyInstanceUID")
-        for entry in client.search_for_series(study_instance_uid=study_uid, search_filters=dict(series_filters),
-                                              fields=list(_SERIES_FIELDS), get_remaining=True):
+        for entry in _paged(client.search_for_series, "SeriesInstanceUID", study_instance_uid=study_uid,
+                            search_filters=dict(series_filters), fields=list(_SERIES_FIELDS)):
             pairs.append((entry, study))
     return pairs
+
+
+QIDO_PAGE = 500
+
+
+def _paged(search, key: str, **kwargs) -> list[dict]:
+    """Every match of a QIDO-RS search, a page (``limit``/``offset``) at a time.
+
+    Not ``dicomweb-client``'s ``get_remaining``: it stops only on an empty
+    page, and a server that ignores ``offset`` for some queries (Orthanc 1.10
+    does with ``ModalitiesInStudy``) answers the same page for ever.  Here a
+    short page, or a page with nothing new (by ``key``), ends the listing.
+    """
+    results: list[dict] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        page = search(limit=QIDO_PAGE, offset=offset, **kwargs)
+        new = []
+        for entry in page:
+            uid = _value(entry, key)
+            if uid not in seen:
+                seen.add(uid)
+                new.append(entry)
+        results += new
+        if len(page) < QIDO_PAGE or not new:
+            return results
+        offset += len(page)
 
 
 def _study(client, study_uid: str, filters: SeriesFilter) -> dict | None:

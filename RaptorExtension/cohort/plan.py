@@ -92,7 +92,7 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
         found.extend(part)
         excluded.extend(left_out)
     keep(list(job.sources.items), fill=True)
-    for n, access in enumerate(job.sources.dicomweb, start=1):
+    for access in job.sources.dicomweb:
         from .dicomweb import discover_dicomweb
 
         if progress:
