@@ -230,3 +230,37 @@ def test_sr_and_parametric_map_round_trip_through_orthanc(pacs, tiny_model_dir, 
         assert back.to_json_dict() == original.to_json_dict()
         if "FloatPixelData" in original:
             assert np.array_equal(back.pixel_array, original.pixel_array)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dicomweb-user", "rsmith"], "DICOMweb user 'rsmith' has no password: give --dicomweb-password-file"),
+        (["--dicomweb-user", "rsmith", "--dicomweb-password-file", "missing.txt"], "missing.txt: no such password file"),
+        (["--dicomweb-user", "rsmith", "--dicomweb-password-file", "empty.txt"], "empty.txt: the password file is empty"),
+        (["--dicomweb-user", "rsmith", "--dicomweb-password-file", "pw.txt", "--dicomweb-token-file", "pw.txt"],
+         "as a user and password or as a token, not both"),
+        (["--dicomweb-password-file", "pw.txt"], "--dicomweb-password-file needs --dicomweb-user"),
+    ],
+)
+def test_credential_mistakes_are_one_line_and_secrets_are_never_shown(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAPTOR_DICOMWEB_PASSWORD", raising=False)
+    monkeypatch.delenv("RAPTOR_DICOMWEB_TOKEN", raising=False)
+    monkeypatch.delenv("RAPTOR_DICOMWEB_USER", raising=False)
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "pw.txt").write_text("s3cret-value\n")
+    code = main(["batch", "--dicomweb", "http://127.0.0.1:1/dicom-web", "--csv", "o.csv", *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1 and "s3cret-value" not in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_url_with_credentials_in_it_is_refused_and_the_access_hides_its_secrets():
+    from RaptorExtension.errors import RaptorError
+
+    with pytest.raises(RaptorError, match="must not hold credentials"):
+        DicomWebAccess("https://rsmith:pw@pacs/dicom-web")
+    access = DicomWebAccess("https://pacs/dicom-web/", "rsmith", "s3cret-value")
+    assert access.url == "https://pacs/dicom-web" and "s3cret-value" not in repr(access) + access.describe()
+    assert "tok-123" not in repr(DicomWebAccess("https://pacs/dicom-web", token="tok-123"))
