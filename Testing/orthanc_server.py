@@ -37,16 +37,6 @@ def orthanc_missing() -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """In the child: ask Linux to end Orthanc when the test or bench process dies (a kill skips its teardown)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,8 +80,11 @@ class OrthancServer:
         (folder / "config.json").write_text(json.dumps(config))
         logs = folder / "logs"
         logs.mkdir(exist_ok=True)
-        process = subprocess.Popen([ORTHANC, f"--logdir={logs}", str(folder / "config.json")], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        command = [ORTHANC, f"--logdir={logs}", str(folder / "config.json")]
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # util-linux: Orthanc ends when the test or bench process dies (a kill skips the teardown)
+            command = [setpriv, "--pdeathsig", "TERM", *command]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         server = cls(folder, port, user, password, process)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
