@@ -8,6 +8,23 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# A real PACS for the DICOMweb tests (Orthanc and its DICOMweb plugin) and DICOM's validator (dciodvfy), from
+# Debian's own packages, when this runs as root on Debian or Ubuntu (as in CI); elsewhere those tests skip.
+DEB_PACKAGES=(orthanc orthanc-dicomweb dicom3tools)
+if [ "$(id -u)" = 0 ] && [ -r /etc/debian_version ] && command -v apt-get >/dev/null; then
+  missing=()
+  for package in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "Installing ${missing[*]} (Debian packages for the DICOMweb tests)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}"; } >/dev/null 2>&1; then
+      echo "warning: could not install ${missing[*]}; the Orthanc and dciodvfy tests will skip"
+    fi
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${RAPTOR_TORCH:-torch==2.13.0}
 

@@ -118,3 +118,27 @@ def raptor_server(tmp_path_factory, tiny_model_dir):
     server = start_server(tmp_path_factory.getbasetemp())
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, with a login and a temporary store.
+
+    Skips, naming the packages, where they are not installed (./setup.sh
+    installs them when it runs as root on Debian or Ubuntu, as in CI).
+    """
+    from orthanc_server import OrthancServer, orthanc_missing
+
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    server = OrthancServer.start(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs(orthanc):
+    """The session's Orthanc, emptied for this test."""
+    orthanc.clear()
+    return orthanc

@@ -66,7 +66,8 @@ class WrittenSeries:
 
 
 def _dataset(ct: StoredCT, image: np.ndarray, *, ipp, iop, pixel_spacing, number: int, patient_id: str,
-             study_uid: str, series_uid: str, description: str, modality: str, series_number: int) -> pydicom.Dataset:
+             study_uid: str, series_uid: str, description: str, modality: str, series_number: int,
+             frame_of_reference_uid: str | None = None) -> pydicom.Dataset:
     ds = ct.template.copy()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -88,13 +89,15 @@ def _dataset(ct: StoredCT, image: np.ndarray, *, ipp, iop, pixel_spacing, number
     for tag in ("SliceLocation", "FrameOfReferenceUID"):
         if tag in ds:
             delattr(ds, tag)
+    if frame_of_reference_uid:  # a new geometry: the source's frame of reference no longer applies unless given
+        ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PixelData = np.ascontiguousarray(image).astype(ct.stored.dtype).tobytes()
     return ds
 
 
 def write_axial(ct: StoredCT, folder: Path, *, patient_id: str = "RAPTOR-TEST-0001", study_uid: str | None = None,
                 series_uid: str | None = None, description: str = "derived axial", modality: str = "CT",
-                series_number: int = 901) -> WrittenSeries:
+                series_number: int = 901, frame_of_reference_uid: str | None = None) -> WrittenSeries:
     """Write ``ct`` as axial slices (one file per slice)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -104,7 +107,8 @@ def write_axial(ct: StoredCT, folder: Path, *, patient_id: str = "RAPTOR-TEST-00
     for k in range(ct.stored.shape[0]):
         ds = _dataset(ct, ct.stored[k], ipp=ct.origin + np.array([0, 0, k * dz]), iop=[1, 0, 0, 0, 1, 0],
                       pixel_spacing=(dy, dx), number=k + 1, patient_id=patient_id, study_uid=study_uid,
-                      series_uid=series_uid, description=description, modality=modality, series_number=series_number)
+                      series_uid=series_uid, description=description, modality=modality, series_number=series_number,
+                      frame_of_reference_uid=frame_of_reference_uid)
         path = folder / f"slice{k:04d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)
         files.append(path)
@@ -113,7 +117,7 @@ def write_axial(ct: StoredCT, folder: Path, *, patient_id: str = "RAPTOR-TEST-00
 
 def write_sagittal(ct: StoredCT, folder: Path, *, patient_id: str = "RAPTOR-TEST-0002", study_uid: str | None = None,
                    series_uid: str | None = None, description: str = "derived sagittal reslice", modality: str = "CT",
-                   series_number: int = 902) -> WrittenSeries:
+                   series_number: int = 902, frame_of_reference_uid: str | None = None) -> WrittenSeries:
     """The same voxels written as sagittal slices (rows run superior -> inferior, columns anterior -> posterior)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -128,7 +132,7 @@ def write_sagittal(ct: StoredCT, folder: Path, *, patient_id: str = "RAPTOR-TEST
         ipp = np.array([ct.origin[0] + i * dx, ct.origin[1], top])
         ds = _dataset(ct, image, ipp=ipp, iop=[0, 1, 0, 0, 0, -1], pixel_spacing=(dz, dy), number=i + 1,
                       patient_id=patient_id, study_uid=study_uid, series_uid=series_uid, description=description,
-                      modality=modality, series_number=series_number)
+                      modality=modality, series_number=series_number, frame_of_reference_uid=frame_of_reference_uid)
         path = folder / f"sag{i:04d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)
         files.append(path)

@@ -154,3 +154,17 @@ def start_server(root: Path, *args: str, token: str | None = "t" * 24, timeout: 
         process.kill()
         raise RuntimeError(f"raptor serve did not start: {log.read_text()[-2000:]}")
     return RunningServer(process, line, token, root, log)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines of dicom3tools' ``dciodvfy`` for a DICOM file (warnings are left out); skips without it."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy is not installed: needs dicom3tools (apt-get install dicom3tools; ./setup.sh does it as root)")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=300)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

@@ -5,6 +5,8 @@ Examples::
     raptor batch --dicom-db ~/Documents/SlicerDICOMDatabase --modality CT --min-slices 40 --csv cohort.csv
     raptor batch --folder /data/scans --csv cohort.csv --anonymize          # salt from RAPTOR_ANON_SALT
     raptor batch --manifest scans.csv --csv part$SLURM_ARRAY_TASK_ID.csv --shard $SLURM_ARRAY_TASK_ID/8
+    raptor batch --dicomweb https://pacs/dicom-web --dicomweb-user me --dicomweb-password-file ~/.pacs \
+        --modality CT --study-date 20240101-20241231 --csv cohort.csv
     raptor merge part*.csv -o cohort.csv
 
 Rerunning the same command resumes: series already in the CSV are skipped.
@@ -27,11 +29,11 @@ def default_readers() -> int:
 
 def add_parser(sub) -> None:
     from ..cohort.anonymize import SALT_ENV
-    from .options import add_embedding_options, add_server_options, non_negative_int
+    from .options import add_dicomweb_credentials, add_embedding_options, add_server_options, non_negative_int
 
     p = sub.add_parser(
         "batch",
-        help="embed a cohort (DICOM database, folder tree, manifest) into one CSV; resumable and shardable",
+        help="embed a cohort (DICOM database, folder tree, manifest, DICOMweb server) into one CSV; resumable and shardable",
         description="Embed every series of a cohort into one CSV row each. Rerun the same command to resume.",
     )
     src = p.add_argument_group("sources (any mix, each repeatable)")
@@ -41,11 +43,19 @@ def add_parser(sub) -> None:
                      help="a folder tree of DICOM files (grouped by SeriesInstanceUID), NIfTI, NRRD or MetaImage files")
     src.add_argument("--manifest", action="append", default=[], metavar="CSV",
                      help="a CSV with a 'path' column (files or one-series DICOM folders) and optional 'id', 'modality', ... columns")
+    src.add_argument("--dicomweb", action="append", default=[], metavar="URL",
+                     help="a DICOMweb server's root, e.g. https://pacs/dicom-web: QIDO-RS lists its series, WADO-RS retrieves them")
     flt = p.add_argument_group("filters")
     flt.add_argument("--modality", default="", help="comma-separated DICOM modalities to keep, e.g. CT or CT,MR (default: all image series)")
     flt.add_argument("--min-slices", type=non_negative_int, default=0, help="skip series with fewer slices (files)")
     flt.add_argument("--series-description", default=None, metavar="REGEX",
                      help="keep series whose description matches this regular expression (case-insensitive search)")
+    flt.add_argument("--study-uid", action="append", default=[], metavar="UID",
+                     help="keep only these studies (repeatable or comma-separated; sent to a DICOMweb server as a query)")
+    flt.add_argument("--series-uid", action="append", default=[], metavar="UID",
+                     help="keep only these series (repeatable or comma-separated)")
+    flt.add_argument("--study-date", default=None, metavar="FROM-TO",
+                     help="keep studies dated in this range, YYYYMMDD-YYYYMMDD (either end may be left open, e.g. 20240101-)")
     out = p.add_argument_group("output")
     out.add_argument("--csv", required=True, help="the output CSV (appended to when it exists: resume)")
     out.add_argument("--errors", default=None, help="errors CSV (default: OUT_errors.csv)")
@@ -65,6 +75,7 @@ def add_parser(sub) -> None:
                      help="list what would be embedded and exit (with --anonymize it prints anonymized ids beside real sources: keep that private)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_embedding_options(p)
+    add_dicomweb_credentials(p)
     add_server_options(p)
     p.set_defaults(func=run_batch_command)
 
@@ -93,10 +104,10 @@ def job_from_args(args: argparse.Namespace):
     from ..cohort.anonymize import Anonymizer
     from ..cohort.job import BatchJob, BatchSources
     from ..cohort.sources import SeriesFilter, parse_shard
-    from .options import settings_from_args
+    from .options import dicomweb_access, settings_from_args
 
-    if not (args.dicom_db or args.folder or args.manifest):
-        raise RaptorError("give at least one source: --dicom-db FOLDER, --folder DIR or --manifest CSV")
+    if not (args.dicom_db or args.folder or args.manifest or args.dicomweb):
+        raise RaptorError("give at least one source: --dicom-db FOLDER, --folder DIR, --manifest CSV or --dicomweb URL")
     if args.salt is not None and not args.anonymize:
         raise RaptorError("--salt is only used with --anonymize")
     if args.keep_descriptions and not args.anonymize:
@@ -105,14 +116,21 @@ def job_from_args(args: argparse.Namespace):
         from ..embeddings.parquet import require_pyarrow
 
         require_pyarrow()
+    date_from, date_to = _date_range(args.study_date)
     filters = SeriesFilter(
         modalities=tuple(m for m in args.modality.split(",") if m.strip()),
         min_slices=args.min_slices,
         description=args.series_description,
+        study_uids=_listed(args.study_uid),
+        series_uids=_listed(args.series_uid),
+        date_from=date_from,
+        date_to=date_to,
     )
+    dicomweb = [dicomweb_access(args, url) for url in args.dicomweb]
     return BatchJob(
         csv=args.csv,
-        sources=BatchSources(folders=list(args.folder), manifests=list(args.manifest), dicom_databases=list(args.dicom_db)),
+        sources=BatchSources(folders=list(args.folder), manifests=list(args.manifest), dicom_databases=list(args.dicom_db),
+                             dicomweb=dicomweb),
         settings=settings_from_args(args),
         filters=filters,
         shard=parse_shard(args.shard) if args.shard else (0, 1),
@@ -124,6 +142,22 @@ def job_from_args(args: argparse.Namespace):
         errors_csv=args.errors,
         parquet=args.parquet,
     )
+
+
+def _listed(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _date_range(text: str | None) -> tuple[str, str]:
+    """``FROM-TO``, ``FROM-``, ``-TO`` or one ``DATE`` -> (from, to), as YYYYMMDD strings."""
+    if not text:
+        return "", ""
+    text = text.strip()
+    if "-" in text:
+        date_from, _, date_to = text.partition("-")
+    else:
+        date_from = date_to = text
+    return date_from.strip(), date_to.strip()
 
 
 class ConsoleProgress:
@@ -204,6 +238,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 def _report(summary) -> int:
     print(f"raptor: {summary.line()} -> {summary.csv}")
+    for _where, reason in summary.failed_sources:
+        print(f"raptor: error: {reason}", file=sys.stderr)
     if summary.cancelled:
         print("raptor: cancelled; the rows written are kept, rerun the same command to resume", file=sys.stderr)
         return 130
@@ -212,7 +248,7 @@ def _report(summary) -> int:
     if summary.failed:
         print(f"raptor: {summary.failed} series failed, listed with the reason in {summary.errors_csv}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if summary.failed_sources else 0
 
 
 def _batch_on_server(args: argparse.Namespace, job) -> int:
@@ -229,6 +265,8 @@ def _batch_on_server(args: argparse.Namespace, job) -> int:
             raise RaptorError(f"{path}: with --server, give paths as the server sees them, from the root (/...)")
         return path
 
+    if job.sources.dicomweb:
+        raise RaptorError("--dicomweb with --server is not supported yet: run raptor batch --dicomweb on the server itself")
     client = client_from_args(args)
     client.health()
     request = {
@@ -270,7 +308,7 @@ def _batch_on_server(args: argparse.Namespace, job) -> int:
     summary = SimpleNamespace(
         line=lambda: result.get("summary", "cancelled"), csv=result.get("csv", job.csv),
         cancelled=snapshot["state"] == "cancelled" or bool(result.get("cancelled")), foreign_rows=0,
-        failed=int(result.get("failed", 0)), errors_csv=result.get("errors_csv", ""),
+        failed=int(result.get("failed", 0)), errors_csv=result.get("errors_csv", ""), failed_sources=[],
     )
     return _report(summary)
 
@@ -280,6 +318,8 @@ def _dry_run(job, plan) -> int:
     shard = f" (shard {index}/{count} of a cohort of {len(plan.cohort_ids)})" if count > 1 else ""
     print(f"raptor: {len(plan.series)} series to embed{shard}; {len(plan.excluded)} left out by filters; "
           f"{len(plan.unusable_files)} files not usable")
+    for _where, reason in plan.failed_sources:
+        print(f"raptor: error: {reason}", file=sys.stderr)
     for item, reason in plan.excluded[:20]:
         shown = "(anonymized)" if job.anonymizer else item.source
         print(f"  left out: {shown}: {reason}")

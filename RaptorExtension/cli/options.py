@@ -86,3 +86,51 @@ def client_from_args(args: argparse.Namespace):
     from ..server.client import RaptorClient, token_from
 
     return RaptorClient(args.server, token_from(args.token_file), cafile=args.tls_ca)
+
+
+def add_dicomweb_credentials(parser: argparse.ArgumentParser) -> None:
+    """How to log in to a DICOMweb server; never a secret in clear on the command line."""
+    g = parser.add_argument_group("DICOMweb credentials (secrets come from files or the environment, never the command line)")
+    g.add_argument("--dicomweb-user", default=None, metavar="USER",
+                   help="user for HTTP basic authentication (default $RAPTOR_DICOMWEB_USER); the password comes from "
+                        "--dicomweb-password-file or $RAPTOR_DICOMWEB_PASSWORD")
+    g.add_argument("--dicomweb-password-file", default=None, metavar="FILE", help="a file holding the password (one line)")
+    g.add_argument("--dicomweb-token-file", default=None, metavar="FILE",
+                   help="a file holding a bearer token (OAuth2/OpenID Connect); or set $RAPTOR_DICOMWEB_TOKEN")
+
+
+def _secret_file(path: str, what: str) -> str:
+    from ..errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} file ({type(exc).__name__})") from None
+    value = text.strip("\r\n")
+    if not value.strip():
+        raise InputError(f"{path}: the {what} file is empty")
+    return value
+
+
+def dicomweb_access(args: argparse.Namespace, url: str):
+    """A :class:`..cohort.dicomweb.DicomWebAccess` for ``url`` from the credential options and environment."""
+    from ..cohort.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DicomWebAccess
+
+    user = getattr(args, "dicomweb_user", None) or os.environ.get(USER_ENV, "")
+    password = token = ""
+    if getattr(args, "dicomweb_password_file", None):
+        password = _secret_file(args.dicomweb_password_file, "password")
+    elif user:
+        password = os.environ.get(PASSWORD_ENV, "")
+    if getattr(args, "dicomweb_token_file", None):
+        token = _secret_file(args.dicomweb_token_file, "token")
+    elif not user:
+        token = os.environ.get(TOKEN_ENV, "")
+    if password and not user:
+        from ..errors import RaptorError
+
+        raise RaptorError("--dicomweb-password-file needs --dicomweb-user")
+    return DicomWebAccess(url=url, user=user, password=password, token=token)

@@ -35,6 +35,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub) -> None:
+    from .dicom_outputs import add_stow_option
+    from .options import add_dicomweb_credentials
+
     probe = sub.add_parser("probe", help="fit, apply and inspect probes on embeddings",
                            description="Probes: small models on Raptor embeddings (logistic, ridge, MLP).")
     psub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
@@ -67,6 +70,11 @@ def add_parser(sub) -> None:
     apply.add_argument("probe", help="a .raptorprobe file")
     apply.add_argument("embeddings", nargs="+", help="embedding CSV(s), .npz file(s) or folder(s) of .npz")
     apply.add_argument("-o", "--output", default=None, help="scores CSV (default: print to standard output)")
+    apply.add_argument("--dicom-sr", default=None, metavar="OUTDIR",
+                       help="also write one DICOM SR (TID 1500 measurement report) per series, referencing it, into OUTDIR "
+                            "(embeddings of DICOM series: a folder or a DICOMweb series as their source)")
+    add_stow_option(apply)
+    add_dicomweb_credentials(apply)
     apply.set_defaults(func=run_apply)
 
     info = psub.add_parser("info", help="print what a probe predicts, its metrics and embedding settings")
@@ -77,7 +85,8 @@ def add_parser(sub) -> None:
     explain = sub.add_parser("explain", help="explain a probe's decision on one volume (PNG, heatmap, slice curves)",
                              description="Exact decomposition of a linear probe's logit over planes, slices and patches.")
     explain.add_argument("probe", help="a .raptorprobe file (logistic or ridge)")
-    explain.add_argument("volume", help="NRRD, NIfTI, MetaImage, DICOM folder, .npy, or file.npz#test_3")
+    explain.add_argument("volume", help="NRRD, NIfTI, MetaImage, DICOM folder, .npy, file.npz#test_3, or a DICOMweb series "
+                                        "URL (ROOT/studies/STUDY_UID/series/SERIES_UID)")
     explain.add_argument("-o", "--output", default="explanation.png", help="PNG to write (default explanation.png)")
     explain.add_argument("--model", default=None,
                          help="model id or local folder (default: the one recorded in the probe; weights must match)")
@@ -87,6 +96,12 @@ def add_parser(sub) -> None:
                          help="show each plane's highest-contribution slice (default) or the middle one")
     explain.add_argument("--heatmap", default=None, help="also write the heatmap in the input's geometry (.nrrd or .nii.gz)")
     explain.add_argument("--curves", default=None, help="also write the slice curves as CSV")
+    explain.add_argument("--dicom-pm", default=None, metavar="FILE.dcm",
+                         help="also write the heatmap as a DICOM Parametric Map in the series' geometry (DICOM input)")
+    explain.add_argument("--dicom-sr", default=None, metavar="FILE.dcm",
+                         help="also write the scores and the slice curves as a DICOM SR (TID 1500) (DICOM input)")
+    add_stow_option(explain)
+    add_dicomweb_credentials(explain)
     explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
@@ -140,6 +155,12 @@ def run_apply(args: argparse.Namespace) -> int:
         print(f"raptor: scored {len(scores.ids)} volume(s) -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if args.dicom_sr:
+        from .dicom_outputs import write_score_reports
+
+        return write_score_reports(args, probe, scores)
+    if args.stow is not None:
+        raise RaptorError("--stow sends DICOM results: give --dicom-sr OUTDIR too")
     return 0
 
 
@@ -170,14 +191,18 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..probes.figure import curves_csv
     from ..probes.probe import Probe
+    from .dicom_outputs import check_explain_source, write_explain_results
 
     probe = Probe.load(args.probe)
     if not probe.is_linear:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")
+    if args.stow is not None and not (args.dicom_pm or args.dicom_sr):
+        raise RaptorError("--stow sends DICOM results: give --dicom-pm FILE.dcm and/or --dicom-sr FILE.dcm too")
+    source, came_from = check_explain_source(args)  # before the model loads: a NRRD has no series to reference
     if args.server:
-        volume_id, ex = _explain_on_server(args)
+        volume_id, ex, scores = _explain_on_server(args, probe)
     else:
-        volume_id, ex = _explain_here(args, probe)
+        volume_id, ex, scores = _explain_here(args, probe)
     written = [args.output]
     if args.heatmap:
         from ..volumes.slicer_io import write_volume_file
@@ -187,6 +212,8 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.curves:
         atomic_write_text(args.curves, curves_csv(ex))
         written.append(args.curves)
+    if source is not None:
+        written += write_explain_results(args, probe, scores, ex, source, came_from)
     kind = "logit" if probe.task != "regression" else "value"
     print(f"{volume_id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
           f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
@@ -198,14 +225,14 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def _explain_here(args: argparse.Namespace, probe):
+    """In this process: returns the volume id, the explanation and every class's score."""
     from ..encoding.model import model_summary
     from ..encoding.pipeline import Embedder
     from ..probes.explain import explain_volume
     from ..probes.figure import render_explanation
     from ..probes.probe_settings import embed_settings_for
-    from ..volumes.readers import read_volume
 
-    volume = read_volume(args.volume)
+    volume = _read_explained_volume(args)
     settings = embed_settings_for(probe, model=args.model, device=args.device, batch_size=args.batch_size,
                                   cache_dir=args.cache_dir)
     if not settings.model:
@@ -216,35 +243,61 @@ def _explain_here(args: argparse.Namespace, probe):
     explained = explain_volume(probe, embedder, volume)
     ex = explained.explain(args.output_name)
     render_explanation(ex, args.output, slices=args.slices)
-    return volume.id, ex
+    return volume.id, ex, explained.scores
 
 
-def _explain_on_server(args: argparse.Namespace):
+def _explain_on_server(args: argparse.Namespace, probe):
     """Send the probe and the volume to a Raptor server; fetch the explanation and its figure."""
     import tempfile
 
+    import numpy as np
+
     from ..atomic import atomic_write
+    from ..cohort.dicomweb import is_series_url
     from ..probes.explanation import load_explanation
     from ..server.client import finished_or_raise
-    from ..server.remote import file_sender, send_volume
+    from ..server.remote import file_sender, send_volume, volume_info, volume_sender
     from ..volumes.readers import expand_input
     from .options import client_from_args
 
     client = client_from_args(args)
     client.health()
-    refs = expand_input(args.volume)
-    if len(refs) != 1:
-        raise RaptorError(f"{args.volume}: holds {len(refs)} volumes; pick one with {args.volume}#test_0")
-    print(f"raptor: sending the probe and {refs[0].id} to {client.url}", file=sys.stderr)
-    request = {"kind": "explain", "probe": {"upload": file_sender(args.probe, "probe").run(client)},
-               **send_volume(client, refs[0]), "output": args.output_name, "model": args.model, "device": args.device,
-               "slices": args.slices, "batch_size": args.batch_size}
+    if is_series_url(args.volume):  # retrieved here from the PACS, then sent like any volume
+        volume = _read_explained_volume(args)
+        name, sent = volume.id, {"volume": {"upload": volume_sender(volume).run(client)}, "volume_info": volume_info(volume)}
+    else:
+        refs = expand_input(args.volume)
+        if len(refs) != 1:
+            raise RaptorError(f"{args.volume}: holds {len(refs)} volumes; pick one with {args.volume}#test_0")
+        name, sent = refs[0].id, send_volume(client, refs[0])
+    print(f"raptor: sending the probe and {name} to {client.url}", file=sys.stderr)
+    request = {"kind": "explain", "probe": {"upload": file_sender(args.probe, "probe").run(client)}, **sent,
+               "output": args.output_name, "model": args.model, "device": args.device, "slices": args.slices,
+               "batch_size": args.batch_size}
     job = client.submit(request)
-    snapshot = finished_or_raise(client.wait(job["id"]), refs[0].id)
-    files = snapshot["result"]["files"]
+    snapshot = finished_or_raise(client.wait(job["id"]), name)
+    result = snapshot["result"]
+    files = result["files"]
     with atomic_write(args.output) as handle:
         handle.write(client.fetch(job["id"], files["figure"]))
     with tempfile.TemporaryDirectory() as folder:
         ex = load_explanation(client.fetch_to(job["id"], files["explanation"], f"{folder}/explanation.npz"))
     client.forget(job["id"])
-    return snapshot["result"]["id"], ex
+    scores = np.array([float(result["scores"][name]) for name in probe.classes])
+    return result["id"], ex, scores
+
+
+def _read_explained_volume(args: argparse.Namespace):
+    """A file or folder as ``raptor embed`` reads it, or a series retrieved from a DICOMweb server."""
+    from ..cohort.dicomweb import is_series_url, load_series, parse_series_url, series_item
+    from ..volumes.readers import read_volume
+    from ..volumes.volume import validate_volume
+    from .options import dicomweb_access
+
+    if not is_series_url(args.volume):
+        return read_volume(args.volume)
+    root, _study, series_uid = parse_series_url(args.volume)
+    access = dicomweb_access(args, root)
+    volume = load_series(access, series_item(access, args.volume), series_uid)
+    validate_volume(volume)
+    return volume

@@ -27,17 +27,22 @@ class BatchSources:
     dicom_databases: list[str] = field(default_factory=list)
     items: list[SeriesItem] = field(default_factory=list)
     """Series listed by the caller, e.g. from ``dicomdb.discover_slicer_database`` inside Slicer."""
+    dicomweb: list = field(default_factory=list)
+    """DICOMweb servers (:class:`.dicomweb.DicomWebAccess`): QIDO-RS lists their series, WADO-RS retrieves them."""
 
     def describe(self) -> dict:
-        return {
+        described = {
             "folders": [os.path.abspath(f) for f in self.folders],
             "manifests": [os.path.abspath(m) for m in self.manifests],
             "dicom_databases": [os.path.abspath(d) for d in self.dicom_databases],
             "listed_series": len(self.items),
         }
+        if self.dicomweb:
+            described["dicomweb"] = [access.url for access in self.dicomweb]  # never the credentials
+        return described
 
     def empty(self) -> bool:
-        return not (self.folders or self.manifests or self.dicom_databases or self.items)
+        return not (self.folders or self.manifests or self.dicom_databases or self.items or self.dicomweb)
 
 
 @dataclass
@@ -129,6 +134,7 @@ class BatchSummary:
     other_shards: int = 0
     unusable_files: int = 0
     foreign_rows: int = 0  # rows in the table that this run's cohort does not list
+    failed_sources: list[tuple[str, str]] = field(default_factory=list)  # (where, reason): a server not listed
     cancelled: bool = False
     seconds: float = 0.0
     parquet: Path | None = None
@@ -146,6 +152,8 @@ class BatchSummary:
             extra.append(f"{self.other_shards} in other shards")
         if self.unusable_files:
             extra.append(f"{self.unusable_files} files not usable")
+        if self.failed_sources:
+            extra.append(f"{len(self.failed_sources)} source{'s' if len(self.failed_sources) > 1 else ''} not listed")
         if extra:
             text += " (" + ", ".join(extra) + ")"
         if self.seconds > 0 and self.done + self.failed:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..embeddings.csv_format import META_COLUMNS, feature_columns
 from ..embeddings.embedding import Embedding
-from ..errors import RaptorError
+from ..errors import Cancelled, RaptorError
 from .job import BATCH_COLUMNS, BatchJob, BatchProgress, ProgressCallback
 from .sources import (
     Discovery,
@@ -41,6 +41,8 @@ class Plan:
     excluded: list[tuple[SeriesItem, str]]
     unusable_files: list[tuple[str, str]]
     shard: tuple[int, int]
+    failed_sources: list[tuple[str, str]] = field(default_factory=list)
+    """(where, reason) for each source that could not be listed (a PACS that refused or was unreachable)."""
 
     @property
     def cohort_sha256(self) -> str:
@@ -90,12 +92,33 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
         found.extend(part)
         excluded.extend(left_out)
     keep(list(job.sources.items), fill=True)
+    for access in job.sources.dicomweb:
+        from .dicomweb import discover_dicomweb
+
+        if progress:
+            progress(BatchProgress("discovering", message=f"listing DICOMweb {access.url}"))
+        try:
+            part, left_out = discover_dicomweb(access, filters, cancel=cancel)
+        except Cancelled:
+            raise
+        except RaptorError as exc:  # one line; the other sources still run (and a rerun retries this one)
+            found.failed_sources.append((access.url, str(exc)))
+            continue
+        found.extend(part)
+        excluded.extend(left_out)
+    if found.failed_sources and not found.items and len(found.failed_sources) == _source_count(job):
+        raise RaptorError(found.failed_sources[0][1])
     # The same series reached twice (a folder and a database holding the same files) is embedded once.
     unique: dict[str, SeriesItem] = {}
     for item in found.items:
         unique.setdefault(item.key, item)
     found.items = list(unique.values())
     return found, excluded
+
+
+def _source_count(job: BatchJob) -> int:
+    s = job.sources
+    return len(s.folders) + len(s.manifests) + len(s.dicom_databases) + len(s.dicomweb) + (1 if s.items else 0)
 
 
 def _preset_needs_modality(job: BatchJob) -> bool:
@@ -106,7 +129,7 @@ def _preset_needs_modality(job: BatchJob) -> bool:
 def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = None) -> Plan:
     """Discover, filter, name and shard the job's series (no voxel is read)."""
     if job.sources.empty():
-        raise RaptorError("no sources: give a --folder, --manifest or --dicom-db")
+        raise RaptorError("no sources: give a --folder, --manifest, --dicom-db or --dicomweb")
     index, count = job.shard
     if count < 1 or not 0 <= index < count:
         raise RaptorError(f"shard {index}/{count}: shards are numbered 0..N-1")
@@ -123,7 +146,7 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     planned.sort(key=lambda p: p.id)
     mine = [p for p in planned if shard_of(p.id, count) == index] if count > 1 else planned
     return Plan(series=mine, cohort_ids=sorted(ids), excluded=excluded, unusable_files=found.skipped_files,
-                shard=(index, count))
+                shard=(index, count), failed_sources=found.failed_sources)
 
 
 def _one_line(value) -> str:

@@ -97,6 +97,7 @@ def run_batch(
     summary.excluded = len(plan.excluded)
     summary.other_shards = len(plan.cohort_ids) - len(plan.series)
     summary.unusable_files = len(plan.unusable_files)
+    summary.failed_sources = list(plan.failed_sources)
     previous = read_record(job.record_path)
     check_record(previous, job, plan)
     preset = _single_preset(job, plan)
@@ -115,6 +116,8 @@ def run_batch(
             run_workers(run, plan, preset, devices, loader, summary, previous)
     except Cancelled:
         summary.cancelled = True
+    for where, reason in plan.failed_sources:  # in the errors CSV too, beside the series that failed
+        run.errors.add("", where, reason)
     summary.seconds = time.perf_counter() - (run.embed_start or run.start)
     summary.failed = run.state.failed
     summary.done = run.state.done

@@ -67,6 +67,9 @@ class SeriesItem:
                database lists files, not positions).
     ``path``   ``paths[0]`` is anything ``raptor embed`` reads: a NRRD, NIfTI
                or MetaImage file, a one-series DICOM folder, ``.npy``.
+    ``dicomweb`` a series on a DICOMweb server (``url``); ``access`` (a
+               :class:`.dicomweb.DicomWebAccess`, credentials included, never
+               shown in a repr) retrieves its instances when it is loaded.
     """
 
     key: str
@@ -82,10 +85,15 @@ class SeriesItem:
     mixed_geometry: str = ""
     user_id: str = ""
     info: dict = field(default_factory=dict)
+    url: str = ""
+    """The DICOMweb root a ``dicomweb`` item comes from."""
+    access: object = field(default=None, repr=False, compare=False)
 
     @property
     def source(self) -> str:
-        """Where the series lives: the folder(s) holding its files, or the file itself."""
+        """Where the series lives: the folder(s) holding its files, the file itself, or its DICOMweb URL."""
+        if self.kind == "dicomweb":
+            return f"{self.url}/studies/{self.study_uid}/series/{self.series_uid}"
         if self.kind == "dicom":
             return "|".join(dict.fromkeys(os.path.dirname(p) for p in self.paths)) or self.key
         return self.paths[0] if self.paths else self.key
@@ -110,6 +118,8 @@ def load_item(item: SeriesItem, id: str) -> Volume:
         if len(refs) != 1:
             raise InputError(f"{item.paths[0]}: holds {len(refs)} volumes; list each one in the manifest")
         volume = refs[0].load()
+    elif item.kind == "dicomweb":
+        volume = item.access.load_series(item, id)  # .dicomweb.DicomWebAccess (no import: dicomweb builds items)
     else:  # pragma: no cover - items are built by this module
         raise InputError(f"{source}: unknown series kind {item.kind!r}")
     volume.id = id
@@ -148,14 +158,33 @@ def _dicom_series_for(item: SeriesItem) -> DicomSeries:
 
 @dataclass
 class SeriesFilter:
-    """Which series to embed: by modality, minimum slice count, description pattern."""
+    """Which series to embed: by modality, minimum slice count, description pattern, UIDs, study date.
+
+    Every source applies them to what it lists; a DICOMweb source also sends
+    the UIDs, the date range and a single modality to the server (QIDO-RS),
+    so a large PACS is never listed whole.  Dates are ``YYYYMMDD``; a series
+    whose study date is unknown is left out when a date range is given.
+    """
 
     modalities: tuple[str, ...] = ()
     min_slices: int = 0
     description: str | None = None
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    date_from: str = ""
+    date_to: str = ""
 
     def __post_init__(self) -> None:
         self.modalities = tuple(m.strip().upper() for m in self.modalities if m.strip())
+        self.study_uids = tuple(u.strip() for u in self.study_uids if u.strip())
+        self.series_uids = tuple(u.strip() for u in self.series_uids if u.strip())
+        for name in ("date_from", "date_to"):
+            value = (getattr(self, name) or "").strip()
+            if value and not re.fullmatch(r"\d{8}", value):
+                raise RaptorError(f"study dates are YYYYMMDD (got {value!r})")
+            setattr(self, name, value)
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise RaptorError(f"study date range {self.date_from}-{self.date_to} ends before it starts")
         if self.min_slices < 0:
             raise RaptorError(f"minimum slice count must be 0 or more (got {self.min_slices})")
         self._pattern = None
@@ -167,10 +196,19 @@ class SeriesFilter:
 
     @property
     def needs_headers(self) -> bool:
-        return bool(self.modalities or self.min_slices or self._pattern)
+        return bool(self.modalities or self.min_slices or self._pattern or self.study_uids or self.series_uids
+                    or self.date_from or self.date_to)
+
+    @property
+    def date_range(self) -> str:
+        """The QIDO-RS range ``FROM-TO`` (either end may be empty), or ``""``."""
+        return f"{self.date_from}-{self.date_to}" if (self.date_from or self.date_to) else ""
 
     def describe(self) -> dict:
-        return {"modalities": list(self.modalities), "min_slices": self.min_slices, "description": self.description}
+        described = {"modalities": list(self.modalities), "min_slices": self.min_slices, "description": self.description}
+        if self.study_uids or self.series_uids or self.date_range:
+            described.update(study_uids=list(self.study_uids), series_uids=list(self.series_uids), study_date=self.date_range)
+        return described
 
     def exclusion(self, item: SeriesItem) -> str | None:
         """Why ``item`` is left out, or None to keep it."""
@@ -186,6 +224,16 @@ class SeriesFilter:
             return f"{item.n_slices} slices, fewer than {self.min_slices}"
         if self._pattern is not None and not self._pattern.search(item.description or ""):
             return f"series description {item.description!r} does not match {self.description!r}"
+        if self.study_uids and item.study_uid not in self.study_uids:
+            return "study not among the requested study UIDs"
+        if self.series_uids and item.series_uid not in self.series_uids:
+            return "series not among the requested series UIDs"
+        if self.date_range:
+            date = str(item.info.get("StudyDate", "") or "")[:8]
+            if not date:
+                return f"study date unknown, not in {self.date_range}"
+            if (self.date_from and date < self.date_from) or (self.date_to and date > self.date_to):
+                return f"study date {date} not in {self.date_range}"
         return None
 
 
@@ -195,14 +243,17 @@ class SeriesFilter:
 
 @dataclass
 class Discovery:
-    """What a source holds: the items, and files that were not usable with the reason."""
+    """What a source holds: the items, files that were not usable, and sources that could not be listed."""
 
     items: list[SeriesItem] = field(default_factory=list)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    failed_sources: list[tuple[str, str]] = field(default_factory=list)
+    """(where, reason) for a server that refused or could not be reached: the other sources still run."""
 
     def extend(self, other: "Discovery") -> None:
         self.items.extend(other.items)
         self.skipped_files.extend(other.skipped_files)
+        self.failed_sources.extend(other.failed_sources)
 
 
 def _series_item(series: DicomSeries) -> SeriesItem:
@@ -371,6 +422,8 @@ def fill_headers(item: SeriesItem) -> None:
             item.series_uid = item.series_uid or series.uid
             item.mixed_geometry = series.info.get("mixed_geometry", "")
             item.n_slices = len(series.files)
+            if series.info.get("StudyDate"):
+                item.info.setdefault("StudyDate", series.info["StudyDate"])
         elif path.is_file() and _is_volume_file(path.name):
             shape = _header_shape(path)
             item.n_slices = int(shape[2]) if shape and len(shape) >= 3 else None
@@ -397,7 +450,7 @@ def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) ->
     import hashlib
 
     roots = [os.path.abspath(r) for r in roots]
-    fixed = [bool(it.user_id) or (it.kind == "dicom" and bool(it.series_uid)) for it in items]
+    fixed = [bool(it.user_id) or (it.kind in ("dicom", "dicomweb") and bool(it.series_uid)) for it in items]
     ids = [it.user_id or (it.series_uid if fx else volume_id_from_path(Path(it.paths[0]))) for it, fx in zip(items, fixed)]
 
     def collisions() -> set[str]:

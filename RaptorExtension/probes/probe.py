@@ -288,6 +288,8 @@ class Probe:
     training: dict = field(default_factory=dict)
     name: str = ""
     path: Path | None = None
+    checksum: str = ""
+    """The ``content_sha256`` of the probe file it was loaded from (identifies it in DICOM results)."""
 
     # -- what it computes ------------------------------------------------
     @property
@@ -449,6 +451,7 @@ def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> P
         training=meta.get("training") or {},
         name=str(meta.get("name") or path.name),
         path=path,
+        checksum=str(meta.get("content_sha256") or ""),
     )
     if model in ("logistic", "ridge"):
         w, b = arrays.get("weight"), arrays.get("bias")
