@@ -63,6 +63,9 @@ from RaptorEmbedLib.ComputeSection import ComputeSection  # noqa: E402
 
 POLL_INTERVAL_MSEC = 100
 CACHE_SETTINGS_KEY = "Raptor/ModelCacheFolder"
+DOCUMENTATION_URL = "https://github.com/raptor-slicer/SlicerRaptor#readme"
+SAMPLE_FILE = "ct_abdomen_sample.nrrd"
+SAMPLE_SHA256 = "10fde76e9c13b568635d84227c4d05cd8d66de423c9fe2f6c39c7c66bc949e1f"
 
 
 #
@@ -80,18 +83,54 @@ class RaptorEmbed(ScriptedLoadableModule):
         self.parent.title = _("Raptor Embed")
         self.parent.categories = ["Raptor"]
         self.parent.dependencies = []
-        self.parent.contributors = ["Raptor contributors"]
+        self.parent.contributors = ["Raptor for 3D Slicer developers (Raptor project)"]
         self.parent.helpText = _("""
 Turns the selected CT or MR volume into a train-free Raptor embedding (ICML 2025, arXiv 2507.08254):
 every axial, coronal and sagittal slice of the volume, resampled to an isotropic cube, goes through a
 frozen DINOv2; the patch tokens are averaged per plane and projected to K values with a seeded random
 matrix. The embedding is stored on the volume node (attributes <code>Raptor.Embedding</code> and
 <code>Raptor.Metadata</code>), is saved with the scene, and can be exported to CSV for linear probes.
+The model runs in a Raptor server (this computer's, or a GPU server: see Compute), never in Slicer itself.
 """)
+        self.parent.helpText += _('<p>See the <a href="{url}">documentation</a>.</p>').format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
 Raptor: Ulzee An et al., "Raptor: Scalable Train-Free Embeddings for 3D Medical Volumes Leveraging
-Pretrained 2D Foundation Models", ICML 2025. DINOv2 by Meta AI.
+Pretrained 2D Foundation Models", ICML 2025. DINOv2 by Meta AI. The sample CT is derived from TCIA
+Pancreatic-CT-CBCT-SEG (CC BY 4.0).
 """)
+        # The bundled CT in the Sample Data module, so a new user can try Embed in one click.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def sampleDataPath() -> str:
+    """The bundled CT: installed beside the modules' resources, or in a checkout's top-level Resources/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "Resources", "Samples", SAMPLE_FILE),
+                      os.path.join(os.path.dirname(here), "Resources", "Samples", SAMPLE_FILE)):
+        if os.path.isfile(candidate):
+            return candidate
+    return ""
+
+
+def registerSampleData() -> None:
+    """Register the bundled abdominal CT with the Sample Data module (category Raptor)."""
+    import SampleData
+
+    path = sampleDataPath()
+    if not path:
+        logging.warning("Raptor: the sample CT %s is missing from the installation", SAMPLE_FILE)
+        return
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Raptor",
+        sampleName="RaptorAbdomenCT",
+        thumbnailFileName=os.path.join(iconsPath, "RaptorEmbed.png"),
+        uris=qt.QUrl.fromLocalFile(path).toString(),
+        fileNames=SAMPLE_FILE,
+        nodeNames="RaptorAbdomenCT",
+        checksums=f"SHA256:{SAMPLE_SHA256}",
+        loadFileType="VolumeFile",
+    )
 
 
 #

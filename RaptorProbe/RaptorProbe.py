@@ -73,14 +73,17 @@ class RaptorProbe(ScriptedLoadableModule):
         self.parent.title = _("Raptor Probe")
         self.parent.categories = ["Raptor"]
         self.parent.dependencies = ["RaptorEmbed"]
-        self.parent.contributors = ["Raptor contributors"]
+        self.parent.contributors = ["Raptor for 3D Slicer developers (Raptor project)"]
         self.parent.helpText = _("""
 Applies probes (small models fitted on Raptor embeddings) to the selected volume and shows class scores in a
 table and a bar chart. <b>Explain</b> splits a linear probe's logit exactly into the contribution of every
 slice of the three planes and every 16x16 patch: the heatmap (red adds to the class, blue takes away) is shown
 over the volume, the three slice curves in a plot; click a curve point to move the slice views there.
 A probe only accepts embeddings made with the settings it was fitted on (model weights, K, seed, grid, preset).
+Explaining and fitting run in a Raptor server (this computer's, or a GPU server: see Compute), never in Slicer itself.
 """)
+        self.parent.helpText += _('<p>See the <a href="{url}">documentation</a>.</p>').format(
+            url="https://github.com/raptor-slicer/SlicerRaptor#readme")
         self.parent.acknowledgementText = _("""
 Raptor: Ulzee An et al., "Raptor: Scalable Train-Free Embeddings for 3D Medical Volumes Leveraging
 Pretrained 2D Foundation Models", ICML 2025. DINOv2 by Meta AI.

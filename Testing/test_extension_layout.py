@@ -61,8 +61,21 @@ def module_dirs() -> list[Path]:
 def test_top_level_cmakelists_is_a_slicer_extension():
     text = cmake_text(ROOT / "CMakeLists.txt")
     assert re.search(r"project\(\s*Raptor\s*\)", text)
-    for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+    for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{var}\s+"[^"]+"\)', text), f"EXTENSION_{var} missing or empty"
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS\s+"([^"]+)"\)', text).group(1)
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c.strip()) for c in contributors.split(",")), "contributors: Name (Organization)"
+    # A screenshot URL must name a file of this repository (the index fetches it); none is better than a dead one.
+    screenshots = re.search(r'set\(EXTENSION_SCREENSHOTURLS\s+"([^"]*)"\)', text)
+    assert screenshots is not None, "EXTENSION_SCREENSHOTURLS missing"
+    for url in screenshots.group(1).split():
+        assert (ROOT / url.split("/main/", 1)[-1]).is_file(), f"screenshot {url} names no file of this repository"
+    icon = re.search(r'set\(EXTENSION_ICONURL\s+"([^"]+)"\)', text).group(1)
+    assert (ROOT / icon.split("/main/", 1)[-1]).is_file(), f"icon {icon} names no file of this repository"
+    assert re.match(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.22\.6 FATAL_ERROR\)", text), "as Slicer 5.10's template writes it"
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"?PyTorch"?\)', text)
     find = text.index("find_package(Slicer REQUIRED)")
     use = text.index("include(${Slicer_USE_FILE})")

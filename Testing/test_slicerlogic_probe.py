@@ -80,6 +80,8 @@ def test_apply_makes_a_scores_table_and_a_bar_chart(scene, settings, tiny_encode
     series = chart[0].GetNthPlotSeriesNode(0)
     assert series.GetPlotType() == series.PlotTypeBar and series.GetTableNodeID() == table.GetID()
     assert series.GetYColumnName() == "Score" and series.GetLabelColumnName() == "Label"
+    assert not chart[0].GetYAxisRangeAuto()  # else qMRMLPlotView ignores the 0-1 range
+    assert (chart[0].GetYAxisRange()[0], chart[0].GetYAxisRange()[1]) == (0.0, 1.0)
     assert logic.scoresNodes == (table, chart[0])
     logic.apply(node)  # applying again updates the same nodes instead of piling up new ones
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
@@ -253,3 +255,43 @@ def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, rapt
     assert probe.classes == ["0", "1"] and probe.name == "finding" and job.probe.classes == probe.classes
     assert "auc" in job.report.lower()
     assert (tmp_path / "finding_roc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_apply_on_a_volume_without_an_embedding_never_imports_torch(tmp_path):
+    """Slicer builds Apply's path before PyTorch is installed: asking which embedding a probe needs stays torch-free."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from RaptorExtension.embeddings.embedding import build_metadata
+    from RaptorExtension.probes.probe import Probe, embedding_description
+
+    meta = build_metadata(encoder="tiny", weight_sha256="0" * 64, k=2, seed=0, projection_sha256="1" * 64,
+                          planes=["axial"], grid=8, image_size=56, preset="minmax", keep_cls=False, n_features=8,
+                          shape=[1, 2, 2, 2])
+    probe = Probe(task="binary", model="logistic", classes=["a", "b"], label_columns=["y"], feature_mean=np.zeros(8),
+                  feature_scale=np.ones(8), weight=np.ones((1, 8)), bias=np.zeros(1), embedding=embedding_description(meta))
+    path = probe.save(tmp_path / "p.raptorprobe")
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import slicer
+        from RaptorExtension.errors import RaptorError
+        from RaptorExtension.slicerlogic.probe import ProbeLogic
+        scene = slicer.vtkMRMLScene()
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fresh")
+        slicer.util.updateVolumeFromArray(node, np.arange(64, dtype=np.int16).reshape(4, 4, 4))
+        asked = []
+        logic = ProbeLogic(scene, embedHook=lambda n, s: asked.append(s) or (_ for _ in ()).throw(RaptorError("declined")))
+        logic.loadProbe({str(path)!r})
+        try:
+            logic.apply(node)
+        except RaptorError as exc:
+            print("error:", exc)
+        print("asked", asked[0].k, asked[0].grid)
+        print("heavy", [m for m in ("torch", "transformers", "sklearn") if m in sys.modules])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "error: declined" in done.stdout and "asked 2 8" in done.stdout
+    assert "heavy []" in done.stdout, done.stdout
