@@ -161,3 +161,34 @@ def test_health_says_version_devices_models_and_queue(raptor_server):
     assert info["devices"][0]["name"] == "cpu"
     assert set(info["queue"]) == {"interactive", "batch"}
     assert isinstance(info["models"], list)
+
+
+def test_a_server_of_another_version_is_one_line_before_any_work():
+    """A stand-in that answers /v1/health as a Raptor server of another minor version would."""
+    import http.server
+    import threading
+
+    from RaptorExtension.server.protocol import compatible_versions
+    from RaptorExtension.version import __version__
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"service": "raptor", "api": "v1", "version": "9.9.0"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerError) as caught:
+            RaptorClient(f"http://127.0.0.1:{server.server_address[1]}").health()
+        assert f"runs raptor 9.9.0, this is raptor {__version__}" in str(caught.value)
+    finally:
+        server.shutdown()
+    assert compatible_versions("0.1.0", "0.1.7") and not compatible_versions("0.2.0", "0.1.0")

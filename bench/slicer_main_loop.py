@@ -121,11 +121,14 @@ def run_server(settings, node, scene, tick_ms: float) -> dict:
         stalls, phases = [], {}
         start = time.perf_counter()
         job = logic.embed(node, settings)
+        where = []
         while True:
             idle_tick(tick_ms)
+            phase = job.remote.phase
             began = time.perf_counter()
             running = logic.poll()
             stalls.append(time.perf_counter() - began)
+            where.append(phase)
             phases.setdefault(job.remote.phase, time.perf_counter() - start)
             if not running:
                 break
@@ -135,6 +138,7 @@ def run_server(settings, node, scene, tick_ms: float) -> dict:
         slices = sum(job.embedding.metadata["slices_per_plane"])
         return {"seconds": seconds, "slices": slices, "slices_per_s": slices / seconds, "max_stall_ms": 1000 * max(stalls),
                 "median_stall_ms": 1000 * sorted(stalls)[len(stalls) // 2], "upload_seconds": phases.get("submitting"),
+                "longest_stalls": [(round(1000 * s, 1), w) for s, w in sorted(zip(stalls, where), reverse=True)[:5]],
                 "server_embed_seconds": job.embedding.metadata["seconds"]}
     finally:
         compute.shutdown()
