@@ -1,7 +1,7 @@
 """An embedding CSV as Parquet, for tools that read columnar files (pandas, Polars, Spark, DuckDB).
 
-Optional: needs ``pyarrow``, which Raptor does not install; :func:`require_pyarrow`
-says so up front, before a long job starts.  The Parquet file holds the
+Needs ``pyarrow`` (a dependency of Raptor; inside Slicer it is installed at first
+use); :func:`require_pyarrow` says so up front, before a long job starts, where it is missing.  The Parquet file holds the
 identifying and metadata columns as strings and the features as one
 ``embedding`` column of fixed-size float32 lists (tens of thousands of
 separate ``e`` columns would make every Parquet reader crawl).  It is written
