@@ -225,7 +225,8 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from ..cohort.merge import merge_parts
 
     summary = merge_parts(args.parts, args.output)
-    print(f"raptor: merged {summary.parts} parts: {summary.rows} series -> {summary.output}")
+    parts = f"{summary.parts} part" + ("s" if summary.parts != 1 else "")
+    print(f"raptor: merged {parts}: {summary.rows} series -> {summary.output}")
     if summary.failed:
         print(f"raptor: {summary.failed} series failed in the shards, listed in {summary.errors_csv}", file=sys.stderr)
     return 0

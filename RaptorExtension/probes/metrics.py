@@ -109,7 +109,8 @@ def metrics_table(metrics: dict[str, dict], task: str) -> str:
     """A plain-text table of per-split metrics, for the terminal."""
     keys = ("auc", "accuracy", "aupr") if task in CLASSIFICATION_TASKS else ("r2", "mae", "rmse")
     lines = [f"{'split':8s} {'n':>6s} " + " ".join(f"{k:>9s}" for k in keys)]
-    for split, values in metrics.items():
+    order = {"train": 0, "val": 1, "test": 2}  # a probe file stores them sorted by name
+    for split, values in sorted(metrics.items(), key=lambda item: order.get(item[0], 3)):
         cells = " ".join(f"{values.get(k):9.4f}" if values.get(k) is not None else f"{'-':>9s}" for k in keys)
         lines.append(f"{split:8s} {values.get('n', 0):6d} {cells}")
     return "\n".join(lines)

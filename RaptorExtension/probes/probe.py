@@ -140,6 +140,12 @@ def load_embeddings(inputs: Iterable[str | Path]) -> EmbeddingSet:
     return EmbeddingSet(ids=ids, features=np.stack(rows).astype(np.float32), metadata=meta or {}, sources=sources)
 
 
+def _files_of(sources: Sequence[str]) -> str:
+    """The files embeddings came from (a CSV row's source is ``FILE#id``), for messages."""
+    files = list(dict.fromkeys(s.split("#", 1)[0] if "#" in s and not Path(s).exists() else s for s in sources))
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "") if files else "embeddings"
+
+
 @dataclass
 class Labels:
     """A labels CSV: ``id``, ``split`` in {train, val, test}, one or more label columns."""
@@ -369,7 +375,7 @@ class Probe:
             raise MetadataMismatch(f"{what}: has {n} features, probe {self.label()} expects {self.n_features}")
 
     def apply(self, embeddings: EmbeddingSet) -> "ProbeScores":
-        self.check_embedding(embeddings.metadata, embeddings.sources[0] if len(embeddings.sources) == 1 else "embeddings")
+        self.check_embedding(embeddings.metadata, _files_of(embeddings.sources))
         return ProbeScores(ids=list(embeddings.ids), names=self.classes, scores=self.scores(embeddings.features),
                            predicted=self.predict(embeddings.features), task=self.task)
 
