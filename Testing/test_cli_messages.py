@@ -69,3 +69,22 @@ def test_k_help_states_its_default():
         sub = parser._subparsers._group_actions[0].choices[command]
         k = next(a for a in sub._actions if "--k" in a.option_strings)
         assert k.default == 100 and "default 100" in k.help
+
+
+def test_explain_slices_default_agrees_between_help_code_and_readme():
+    import re
+
+    from conftest import ROOT
+
+    parser = build_parser()
+    explain = parser._subparsers._group_actions[0].choices["explain"]
+    slices = next(a for a in explain._actions if "--slices" in a.option_strings)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = re.findall(r"`--slices (\w+)`, the\s+default", readme)
+    assert documented == [slices.default] and f"({slices.default}, the default)" in slices.help
+    import inspect
+
+    from RaptorExtension.probes.figure import SLICE_CHOICES, render_explanation
+
+    assert inspect.signature(render_explanation).parameters["slices"].default == slices.default == SLICE_CHOICES[0]
+    assert tuple(slices.choices) == SLICE_CHOICES

@@ -76,7 +76,7 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
                  "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"{target}: 1 score ") and "residual" in printed
+    assert printed.startswith(f"{target}: blob = 1 score ") and "residual" in printed  # volume, label column, class
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = curves.read_text().splitlines()
     assert lines[0] == "plane,slice,r,a,s,contribution" and len(lines) == 1 + 3 * 20

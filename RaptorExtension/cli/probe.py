@@ -83,7 +83,12 @@ def add_parser(sub) -> None:
     explain.add_argument("--class", dest="output_name", default=None,
                          help="class, label or target to explain (default: positive / most likely)")
     explain.add_argument("--slices", default="top", choices=("top", "mid"),
-                         help="show each plane's highest-contribution slice (default) or the middle one")
+                         help="the figure shows each plane's highest-contributing slice among those that are not "
+                              "empty (top, the default) or its middle slice (mid)")
+    explain.add_argument("--baseline", default="background", choices=("background", "mean"),
+                         help="measure contributions against an empty slice, so air and padding count 0 "
+                              "(background, the default), or against the average training volume (mean)")
+    explain.add_argument("--quiet", "-q", action="store_true", help="do not print the model being loaded")
     explain.add_argument("--heatmap", default=None, help="also write the heatmap in the input's geometry (.nrrd or .nii.gz)")
     explain.add_argument("--curves", default=None, help="also write the slice curves as CSV")
     explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
@@ -206,11 +211,13 @@ def run_explain(args: argparse.Namespace) -> int:
                                   cache_dir=args.cache_dir)
     if not settings.model:
         raise RaptorError(f"{args.probe}: records no model; pass --model")
-    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
-    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
     explained = explain_volume(probe, embedder, volume)
-    ex = explained.explain(args.output_name)
+    ex = explained.explain(args.output_name, baseline=args.baseline)
     render_explanation(ex, args.output, slices=args.slices)
     written = [args.output]
     if args.heatmap:
@@ -222,8 +229,9 @@ def run_explain(args: argparse.Namespace) -> int:
         atomic_write_text(args.curves, curves_csv(ex))
         written.append(args.curves)
     kind = "logit" if probe.task != "regression" else "value"
-    print(f"{volume.id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
-          f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
+    reference = "an empty slice" if ex.baseline == "background" else "the training mean"
+    print(f"{ex.title} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
+          f"+ contributions {ex.total:+.4f} against {reference} (residual {ex.residual:.1e})")
     for i, plane in enumerate(ex.planes):
         top = ex.top_slice(i)
         print(f"  {plane:9s} sum {ex.slice_curves[i].sum():+.4f}; top slice {top} ({ex.slice_curves[i][top]:+.4f})")

@@ -75,6 +75,8 @@ class ExplainJob:
     node_name: str
     probe: Probe
     output_name: str | None
+    baseline: str = "background"
+    """What contributions are measured against: an empty slice (background) or the training mean (mean)."""
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     progress_callback: Callable[[int, int], None] | None = None
@@ -227,8 +229,12 @@ class ProbeLogic:
         return embedder
 
     def explain(self, volumeNode, probe: Probe, outputName: str | None = None, *, waitForCompletion: bool = True,
-                progressCallback=None, completionCallback=None, model: str | None = None, device: str = "auto"):
+                progressCallback=None, completionCallback=None, model: str | None = None, device: str = "auto",
+                baseline: str = "background"):
         """Explain a probe on a volume node in a worker thread; nodes are made by :meth:`poll`.
+
+        ``baseline``: contributions against an empty slice, so air and padding show 0 on the overlay
+        (``background``, the default), or against the average training volume (``mean``).
 
         With ``waitForCompletion`` this blocks and returns the :class:`ExplainJob`
         (its ``explanation`` and ``nodes`` filled in) or raises the error.
@@ -244,8 +250,12 @@ class ProbeLogic:
         settings = embed_settings_for(probe, model=model, device=device)
         volume = volume_from_node(volumeNode, id=node_label(volumeNode), source=node_label(volumeNode),
                                   modality=volumeNode.GetAttribute("DICOM.Modality"))
+        from ..probes.explain import BASELINES
+
+        if baseline not in BASELINES:
+            raise RaptorError(f"unknown explanation baseline {baseline!r} (choose from {', '.join(BASELINES)})")
         job = ExplainJob(node_id=volumeNode.GetID(), node_name=node_label(volumeNode), probe=probe, output_name=outputName,
-                         progress_callback=progressCallback, completion_callback=completionCallback)
+                         baseline=baseline, progress_callback=progressCallback, completion_callback=completionCallback)
         job.thread = threading.Thread(target=self._work, args=(job, volume, settings), name="raptor-explain", daemon=True)
         self.job = job
         job.thread.start()
@@ -270,7 +280,8 @@ class ProbeLogic:
                 job.probe, embedder, volume, cancel=job.cancel_event,
                 progress=lambda _id, done, total: job.events.put(("progress", done, total)),
             )
-            job.events.put(("done", explained.explain(job.output_name, device=embedder.encoder.device)))
+            job.events.put(("done", explained.explain(job.output_name, device=embedder.encoder.device,
+                                                      baseline=job.baseline)))
         except Cancelled:
             job.events.put(("cancelled",))
         except RaptorError as exc:
