@@ -148,7 +148,7 @@ def run_fit(args: argparse.Namespace) -> int:
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
-    print(metrics_table(probe.metrics, probe.task))
+    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
         print(f"raptor: warning: {warning}", file=sys.stderr)
     print(f"raptor: wrote {output}, {report}, {plot}", file=sys.stderr)
@@ -190,7 +190,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
           f"keep_cls={e.get('keep_cls')}, {probe.n_features} features")
-    print(metrics_table(probe.metrics, probe.task))
+    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     return 0
 
 

@@ -670,6 +670,11 @@ def _selection_score(task: str, y: np.ndarray, scores: np.ndarray) -> float:
     return -float(np.mean((scores - y) ** 2 / np.maximum(np.var(y, axis=0), 1e-12)))
 
 
+def selection_metric(task: str) -> str:
+    """The name of what :func:`_selection_score` measures, for progress lines."""
+    return "AUC" if task in ("binary", "multiclass", "multilabel") else "-MSE/variance"
+
+
 def parse_grid(text: str) -> tuple[float, ...]:
     """A regularization grid from text such as "0.0001,0.001,0.01" (the CLI's and the Fit panel's form)."""
     try:
@@ -745,7 +750,8 @@ def _select(model: str, task: str, design: _Design, x_fit: np.ndarray, y_fit: np
                 fold_values.append(_selection_score(score_task, y_fit[test_idx], probe.scores(x_fit[test_idx])))
             value = float(np.mean(fold_values))
         scores[format(strength, "g")] = round(value, 6)
-        say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} score {value:.4f}")
+        say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} "
+            f"{selection_metric(score_task)} {value:.4f}")
     best = max(grid, key=lambda s: (scores[format(s, "g")], -abs(math.log10(s))))
     return best, scores
 
@@ -805,7 +811,8 @@ def fit_probe(
     design = _Design(x_fit)  # the rows the final model is fitted on (and, with select=val, the candidates)
     mean, scale = design.mean, design.scale
     parameter = "C" if model == "logistic" else "alpha"
-    selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter}
+    selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter,
+                       "metric": selection_metric("binary" if task == "multilabel" else task)}
     converged = True
     if task == "multilabel":
         weights, biases, chosen, per_label = [], [], {}, {}
