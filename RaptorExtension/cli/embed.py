@@ -20,7 +20,7 @@ def add_embed_parser(sub) -> None:
     p.add_argument("--skip-existing", action="store_true", help="skip volumes whose output already exists with the same settings (resume)")
     p.add_argument("--continue-on-error", action="store_true", help="log failing volumes to the errors file and go on")
     p.add_argument("--errors", default=None, help="errors CSV (default OUT_DIR/raptor_errors.csv or next to --csv)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no model lines, only the summary and errors")
     p.add_argument("--readers", type=non_negative_int, default=2,
                    help="volumes read ahead while the encoder works (0: read in turn; default 2)")
     p.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"),
@@ -58,9 +58,11 @@ def run_embed(args: argparse.Namespace) -> int:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
 
     settings = settings_from_args(args)
-    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
-    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
     table = TableAppender(args.csv) if args.csv else None
 
     todo = []
