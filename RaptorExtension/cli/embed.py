@@ -58,12 +58,24 @@ def run_embed(args: argparse.Namespace) -> int:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
 
     settings = settings_from_args(args)
+    # What can be checked without the model is checked first: loading it takes a while, and embedding
+    # a volume only to find that the CSV it goes to holds other settings wastes more.
+    csv_ids = _check_csv_before_loading(args.csv, settings)
+    if args.skip_existing and all([_done_before_loading(ref, out_dir, csv_ids, settings) for ref in refs]):
+        where = ", ".join(str(p) for p in (out_dir, args.csv) if p)
+        print(f"raptor: embedded 0, skipped {len(refs)} already done, failed 0 -> {where}")
+        if errors.count:
+            print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
+        return 1 if errors.count else 0
+
     if not args.quiet:
         print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
     if not args.quiet:
         print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
     table = TableAppender(args.csv) if args.csv else None
+    if table is not None and table.settings is not None:
+        _check_table_settings(table, embedder)
 
     todo = []
     skipped = 0
@@ -101,6 +113,72 @@ def run_embed(args: argparse.Namespace) -> int:
     if failed or errors.count:
         print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
     return 1 if (failed or errors.count) else 0
+
+
+def _fixed_preset(settings) -> str:
+    """The preset every volume gets, or '' under ``auto`` (it then depends on each volume's modality)."""
+    from ..volumes.intensity import resolve_preset
+
+    return "" if (settings.preset or "auto").lower() == "auto" else resolve_preset(settings.preset, None, settings.ct_window).describe()
+
+
+def _check_csv_before_loading(csv_path: str | None, settings) -> set[str] | None:
+    """The ids already in ``--csv`` (None without ``--csv``), after refusing a table made with settings this run
+    would not make."""
+    from ..embeddings.stream import index_table
+    from ..encoding.pipeline import check_known_settings
+
+    if not csv_path:
+        return None
+    if not Path(csv_path).is_file() or Path(csv_path).stat().st_size == 0:
+        return set()
+    index = index_table(csv_path, allow_torn_tail=True)
+    if index.settings is not None:
+        check_known_settings(index.settings, settings, f"{csv_path} (existing rows) vs this run", _fixed_preset(settings) or None)
+    return set(index.ids)
+
+
+def _check_table_settings(table, embedder) -> None:
+    """With the model loaded, and before any volume is embedded: the weights and the projection too."""
+    from ..embeddings.settings import describe_differences, settings_of
+    from ..errors import MetadataMismatch
+
+    preset = _fixed_preset(embedder.settings)
+    expected = settings_of(embedder.settings_metadata(preset=preset))
+    diffs = [d for d in describe_differences(table.settings, expected) if preset or not d.startswith("preset")]
+    if diffs:
+        raise MetadataMismatch(f"{table.path} (existing rows) vs this run: embedding settings differ: " + "; ".join(diffs))
+
+
+def _done_before_loading(ref, out_dir: Path | None, csv_ids: set[str] | None, settings) -> bool:
+    """True when every output of this volume exists, made with the model asked for and the settings known so far.
+
+    Conservative: when in doubt (another model name, an unreadable file) it says no,
+    and :func:`_already_done` decides with the model loaded.
+    """
+    from ..embeddings.embedding import Embedding
+    from ..embeddings.settings import describe_differences
+    from ..encoding.pipeline import settings_known_before_loading
+    from ..names import recorded_model_name
+
+    if out_dir is not None:
+        path = out_dir / f"{ref.id}.npz"
+        if not path.exists():
+            return False
+        try:
+            existing = Embedding.load(path)
+        except RaptorError:
+            return False
+        preset = _fixed_preset(settings)
+        this_run = dict(existing.settings(), **settings_known_before_loading(settings, preset or None))
+        diffs = describe_differences(existing.settings(), this_run)
+        if diffs:
+            raise RaptorError(
+                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
+            )
+        if existing.metadata.get("encoder") != recorded_model_name(settings.model):
+            return False
+    return csv_ids is None or ref.id in csv_ids
 
 
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
