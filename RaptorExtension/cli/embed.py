@@ -86,6 +86,7 @@ def run_embed(args: argparse.Namespace) -> int:
         todo.append(ref)
 
     progress = Progress(total_volumes=len(todo), enabled=not args.quiet)
+    embedder.notice = lambda text: progress.write(f"raptor: {text}")
     done = failed = 0
     try:
         # Slicer's readers hold the GIL, so for several inputs read-ahead runs in processes.

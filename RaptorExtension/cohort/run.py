@@ -111,6 +111,8 @@ def run_batch(
             run.report(phase="loading model", message=f"loading {job.settings.model}")
             settings = with_device(job.settings, devices[0])
             embedder = Embedder(settings)
+            embedder.notice = lambda text: run.report(message=text)
+            embedder.notice_by_id = job.anonymizer is not None
         if embedder is not None:
             _run_in_process(run, plan, preset, embedder, loader, summary, previous)
         elif not summary.resumed_without_model:

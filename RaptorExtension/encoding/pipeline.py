@@ -20,7 +20,7 @@ import torch
 from ..embeddings.embedding import FORMAT_VERSION, Embedding, build_metadata
 from ..embeddings.settings import check_compatible, settings_hash
 from ..errors import RaptorError
-from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
+from ..volumes.intensity import IntensityPreset, ct_hint, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
 from ..volumes.volume import Volume, VolumeRef, validate_volume
@@ -117,6 +117,11 @@ class Embedder:
             batch_size=s.batch_size,
             dedup_constant_slices=s.dedup_constant_slices,
         )
+        self.notice: Callable[[str], None] | None = None
+        """Called with a one-line hint (e.g. a CT file without modality under ``--preset auto``), once per embedder."""
+        self.notice_by_id = False
+        """Hints name the volume's id rather than its source path (anonymized batches never print paths)."""
+        self._hinted = False
 
     # ------------------------------------------------------------------
     @property
@@ -162,6 +167,12 @@ class Embedder:
         s = self.settings
         preset = resolve_preset(s.preset, volume.modality, s.ct_window)
         data = torch.from_numpy(np.ascontiguousarray(volume.array)).to(self.encoder.device, torch.float32)
+        if self.notice is not None and not self._hinted and preset.name == "minmax" and s.preset == "auto":
+            where = volume.id if self.notice_by_id else (volume.source or volume.id)
+            hint = ct_hint(s.preset, volume.modality, float(data.min()), float(data.max()), where)
+            if hint:
+                self._hinted = True
+                self.notice(hint)
         data = normalize(data, preset)
         if s.grid == "native":
             cube, cube_to_ras = data, None
