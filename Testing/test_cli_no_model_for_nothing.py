@@ -91,7 +91,7 @@ def test_batch_rerun_with_nothing_left_loads_no_model(scans, tmp_path, tiny_mode
     no_model()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith(f"raptor: embedded 0, skipped 2 already done, failed 0") and "loading" not in captured.err
+    assert captured.out.startswith("raptor: embedded 0, skipped 2 already done, failed 0") and "loading" not in captured.err
     record = (tmp_path / "cohort.batch.json").read_text()
     assert '"status": "complete"' in record and '"skipped": 2' in record
     # Another K is refused before any model is loaded too, whether or not series are left to embed.

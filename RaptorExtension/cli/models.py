@@ -63,7 +63,7 @@ def _human(size: int) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..encoding.model_cache import _folder_size, cached_models
+    from ..encoding.cache_index import _folder_size, cached_models
     from ..encoding.offline_weights import built_model_dir, default_model_dir
     from ..names import KNOWN_MODELS, OFFLINE_MODEL, OFFLINE_MODEL_DESCRIPTION
 
@@ -88,11 +88,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from ..encoding.model_cache import _load_offline, download_model, hub_offline
-    from ..names import KNOWN_MODELS
-
-    from ..encoding.model_cache import hub_endpoint, hub_unreachable_reason
-    from ..names import OFFLINE_MODEL
+    from ..encoding.model_cache import _load_offline, download_model, hub_endpoint, hub_offline, hub_unreachable_reason
+    from ..names import KNOWN_MODELS, OFFLINE_MODEL
 
     root = _root(args)
     for name in args.models:

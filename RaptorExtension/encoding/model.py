@@ -225,7 +225,7 @@ def load_encoder(
         if extra["local_files_only"]:
             hf_logging.disable_progress_bar()
         else:
-            from .model_cache import hub_unreachable_reason
+            from .cache_index import hub_unreachable_reason
 
             # One short attempt first: unreachable, the hub client would retry for half a minute.
             reason = hub_unreachable_reason()
@@ -258,7 +258,7 @@ def _hub_offline() -> bool:
 
 def _offline_failure(name: str, reason: str, cache_dir: str | None) -> str:
     """One line: the model is not here, the hub cannot be reached, and what can be passed instead."""
-    from .model_cache import hub_endpoint, local_model_choices
+    from .cache_index import hub_endpoint, local_model_choices
 
     choices = local_model_choices(cache_dir)
     here = ("models available here: " + "; ".join(f"--model {m} ({what})" for m, what in choices)) if choices else (
