@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_embedding_options, non_negative_int, settings_from_args
+from .options import add_embedding_options, non_negative_int, positive_int, settings_from_args
 
 
 def add_embed_parser(sub) -> None:
     p = sub.add_parser("embed", help="embed volumes (files, DICOM series folders, MedMNIST .npz)",
                        description="Embed CT/MR volumes with a frozen ViT along three planes.")
-    p.add_argument("inputs", nargs="+", help="NRRD, NIfTI, MetaImage, a DICOM series folder, .npy, or .npz[#test_17]")
+    p.add_argument("inputs", nargs="+",
+                   help="NRRD, NIfTI, MetaImage, a DICOM series folder, .npy, or .npz (#test, #test_17, #train[0:100])")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="embed only the first N volumes the inputs name (e.g. with file.npz#train)")
     p.add_argument("--out-dir", "-o", default=None, help="write one ID.npz per volume here (default ./raptor_embeddings unless --csv)")
     p.add_argument("--csv", default=None, help="also (or only) write one CSV row per volume to this file")
     p.add_argument("--skip-existing", action="store_true", help="skip volumes whose output already exists with the same settings (resume)")
@@ -52,8 +56,11 @@ def run_embed(args: argparse.Namespace) -> int:
                 raise
             errors.add(spec, spec, str(exc))
             print(f"raptor: skipped: {exc}", file=sys.stderr)
+    if args.limit is not None:
+        refs = refs[: args.limit]
     ids = [r.id for r in refs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    counts = collections.Counter(ids)
+    dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
 
