@@ -110,3 +110,23 @@ def test_duplicate_ids_and_empty_files(tmp_path, parser):
         read_table(tmp_path / "empty.csv")
     (tmp_path / "header.csv").write_text(lines[0] + "\n")
     assert read_table(tmp_path / "header.csv").features.shape == (0, 96)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_block_size_gives_the_same_table(tmp_path, monkeypatch, threads):
+    """Blocks ending mid-line, on a line's end, on the file's end, and lines longer than a block."""
+    items = embeddings(n=5, features=30)
+    path = write_table(tmp_path / "t.csv", items)
+    expected = np.stack([e.vector for e in items])
+    header_bytes = len(path.read_bytes().split(b"\n", 1)[0]) + 1
+    body = path.stat().st_size - header_bytes
+    with open(path, "rb") as handle:
+        handle.readline()
+        first_row = len(handle.readline())
+    for size in (7, first_row - 1, first_row, first_row + 1, body - 1, body, body + 1, 1 << 20):
+        monkeypatch.setattr(feature_block, "BLOCK_BYTES", size)
+        with open(path, "rb") as handle:
+            header = handle.readline().decode().rstrip("\n").split(",")
+            prefixes, features = feature_block.read_feature_rows(handle, path, header, header.index("e0"), threads=threads)
+        assert [p[0] for p in prefixes] == [e.id for e in items], size
+        np.testing.assert_array_equal(features, expected)

@@ -23,7 +23,10 @@ ten times slower.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,6 +42,8 @@ HEAD_BYTES = 1 << 16
 """The identifying columns of a row are far shorter than this."""
 
 COMMA, NEWLINE = 0x2C, 0x0A
+_DELIMITER = np.zeros(256, dtype=bool)
+_DELIMITER[[COMMA, NEWLINE]] = True
 
 
 def _arrow():
@@ -51,33 +56,55 @@ def _arrow():
 
 
 def read_feature_rows(handle: BinaryIO, path: Path, header: list[str], n_prefix: int, *, first_line: int = 2,
-                      use_arrow: bool = True) -> tuple[list[list[str]], np.ndarray]:
+                      use_arrow: bool = True, threads: int | None = None) -> tuple[list[list[str]], np.ndarray]:
     """Read every row after the header: the fields before ``e0`` and the features (rows, n) float32.
 
     ``header`` ends with the feature columns ``e0 ... eN`` (``n_prefix`` fields come before them).
-    Blank lines are skipped, as :mod:`csv` does.
+    Blank lines are skipped, as :mod:`csv` does.  Blocks are parsed by ``threads``
+    threads (default: one per core, at most two blocks ahead of the reader); NumPy
+    and Arrow release the GIL, so they really run side by side.
     """
     reader = _BlockReader(path, header, n_prefix, _arrow() if use_arrow else None)
+    workers = max(1, min(4, threads or os.cpu_count() or 1))
+    prefixes: list[list[str]] = []
+    features: list[np.ndarray] = []
     line_no = first_line
-    pending: list[bytes] = []
-    while True:
-        chunk = handle.read(BLOCK_BYTES)
-        if chunk:
-            end = chunk.rfind(b"\n") + 1
-            if end == 0:
-                pending.append(chunk)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raptor-csv") as pool:
+        in_flight: collections.deque = collections.deque()
+
+        def collect(limit: int) -> None:
+            while len(in_flight) > limit:
+                block_prefixes, block_features = in_flight.popleft().result()  # in file order: the first error wins
+                prefixes.extend(block_prefixes)
+                features.append(block_features)
+
+        tail = b""
+        while True:
+            data = bytearray(len(tail) + BLOCK_BYTES)  # one buffer per block: a worker may still be reading the last
+            data[: len(tail)] = tail
+            filled = len(tail)
+            while filled < len(data):  # a short read is not the end of the file; an empty one is
+                got = handle.readinto(memoryview(data)[filled:])
+                if not got:
+                    break
+                filled += got
+            at_end = filled < len(data)
+            end = filled if at_end else data.rfind(b"\n", 0, filled) + 1
+            if end == 0 and not at_end:  # one line longer than a block: read on
+                tail = bytes(data[:filled])
                 continue
-            block = b"".join(pending) + chunk[:end]
-            pending = [chunk[end:]] if end < len(chunk) else []
-        else:
-            block = b"".join(pending)
-            pending = []
-        if block:
-            line_no = reader.block(block, line_no)
-        if not chunk:
-            break
-    features = np.concatenate(reader.features) if reader.features else np.zeros((0, reader.n_features), np.float32)
-    return reader.prefixes, features
+            tail = bytes(data[end:filled])
+            del data[end:]
+            if data:
+                lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+                in_flight.append(pool.submit(reader.block, data, line_no))
+                line_no += lines
+                collect(workers)
+            if at_end:
+                break
+        collect(0)
+    matrix = np.concatenate(features) if features else np.zeros((0, reader.n_features), np.float32)
+    return prefixes, matrix
 
 
 class _BlockReader:
@@ -85,18 +112,15 @@ class _BlockReader:
         self.path, self.header, self.n_prefix, self.arrow = path, header, n_prefix, arrow
         self.n_columns = len(header)
         self.n_features = self.n_columns - n_prefix
-        self.prefixes: list[list[str]] = []
-        self.features: list[np.ndarray] = []
 
-    def block(self, data: bytes, line_no: int) -> int:
-        """Parse the whole lines in ``data``; returns the line number after them."""
+    def block(self, data: bytearray, line_no: int) -> tuple[list[list[str]], np.ndarray]:
+        """Parse the whole lines in ``data`` (the first is line ``line_no``): their prefixes and features."""
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         if not data.endswith(b"\n"):
             data += b"\n"  # the file's last line without its newline
         buf = np.frombuffer(data, dtype=np.uint8)
-        is_delimiter = buf == COMMA
-        is_delimiter |= buf == NEWLINE
+        is_delimiter = _DELIMITER[buf]
         delimiters = np.flatnonzero(is_delimiter)
         ends = np.flatnonzero(buf[delimiters] == NEWLINE)  # for each line, the index of its newline in ``delimiters``
         fields = None
@@ -104,28 +128,27 @@ class _BlockReader:
             # Field t runs from after delimiter t-1 to delimiter t; without the delimiters the fields lie end to end.
             np.logical_not(is_delimiter, out=is_delimiter)
             packed = buf[is_delimiter]
+            del is_delimiter
             offsets = np.empty(len(delimiters) + 1, dtype=np.int64)
             offsets[0] = 0
-            np.subtract(delimiters, np.arange(len(delimiters)), out=offsets[1:])
+            np.subtract(delimiters, np.arange(len(delimiters), dtype=np.int64), out=offsets[1:])
             pa = self.arrow
             fields = pa.LargeStringArray.from_buffers(len(delimiters), pa.py_buffer(offsets), pa.py_buffer(packed))
         rows = np.empty((len(ends), self.n_features), dtype=np.float32)
-        kept = 0
+        prefixes: list[list[str]] = []
         first = 0  # index in ``delimiters`` of the current line's first delimiter
         for last in ends.tolist():
             start = 0 if first == 0 else int(delimiters[first - 1]) + 1
             end = int(delimiters[last])
             if end > start:
                 prefix, values = self._row(data, start, end, first, last, delimiters, fields, line_no)
-                self.prefixes.append(prefix)
-                rows[kept] = values
-                kept += 1
+                rows[len(prefixes)] = values
+                prefixes.append(prefix)
             first = last + 1
             line_no += 1
-        self.features.append(rows[:kept])
-        return line_no
+        return prefixes, rows[: len(prefixes)]
 
-    def _row(self, data: bytes, start: int, end: int, first: int, last: int, delimiters: np.ndarray, fields,
+    def _row(self, data: bytearray, start: int, end: int, first: int, last: int, delimiters: np.ndarray, fields,
              line_no: int) -> tuple[list[str], np.ndarray]:
         n_prefix = self.n_prefix
         split_at = first + n_prefix - 1  # the comma before e0 when no identifying field holds a comma
@@ -136,13 +159,15 @@ class _BlockReader:
             prefix = self._decode(data[start : int(delimiters[split_at])], line_no).split(",")
             feature_start = int(delimiters[split_at]) + 1
         else:
-            head = self._decode(data[start : min(end, start + HEAD_BYTES)], line_no, errors="replace")
-            parsed = next(csv.reader([head]), [])
-            if len(parsed) > n_prefix:
-                prefix = parsed[:n_prefix]
-                written = csv_line(prefix)[:-1].encode("utf-8") + b","
-                if data.startswith(written, start):
-                    feature_start = start + len(written)
+            for size in (4096, HEAD_BYTES):  # quoted identifying fields: parse the head of the line as CSV
+                head = self._decode(bytes(data[start : min(end, start + size)]), line_no, errors="replace")
+                parsed = next(csv.reader([head]), [])
+                if len(parsed) > n_prefix:
+                    prefix = parsed[:n_prefix]
+                    written = csv_line(prefix)[:-1].encode("utf-8") + b","
+                    if data.startswith(written, start):
+                        feature_start = start + len(written)
+                    break
         if feature_start is None:  # odd quoting: parse the whole line as CSV
             row = next(csv.reader([self._decode(data[start:end], line_no)]), [])
             self._check_columns(len(row), line_no)
@@ -156,7 +181,7 @@ class _BlockReader:
                 pass
         else:
             try:
-                values = np.fromstring(data[feature_start:end], dtype=np.float32, sep=",")
+                values = np.fromstring(bytes(data[feature_start:end]), dtype=np.float32, sep=",")
                 if values.size == self.n_features:
                     return prefix, values
             except ValueError:
