@@ -42,8 +42,6 @@ HEAD_BYTES = 1 << 16
 """The identifying columns of a row are far shorter than this."""
 
 COMMA, NEWLINE = 0x2C, 0x0A
-_DELIMITER = np.zeros(256, dtype=bool)
-_DELIMITER[[COMMA, NEWLINE]] = True
 
 
 def _arrow():
@@ -120,7 +118,8 @@ class _BlockReader:
         if not data.endswith(b"\n"):
             data += b"\n"  # the file's last line without its newline
         buf = np.frombuffer(data, dtype=np.uint8)
-        is_delimiter = _DELIMITER[buf]
+        is_delimiter = buf == COMMA  # two comparisons: several times faster than a lookup table here
+        is_delimiter |= buf == NEWLINE
         delimiters = np.flatnonzero(is_delimiter)
         ends = np.flatnonzero(buf[delimiters] == NEWLINE)  # for each line, the index of its newline in ``delimiters``
         fields = None
