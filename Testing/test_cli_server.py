@@ -36,7 +36,8 @@ def test_embed_on_a_server_writes_the_same_files_as_in_process(raptor_server, ti
     np.save(b, synthetic_volume(seed=2))
     args = [str(a), str(b), *common(tiny_model_dir)]
     assert main(["embed", *args, "-o", str(tmp_path / "local"), "--csv", str(tmp_path / "local.csv"), "--readers", "0"]) == 0
-    assert main(["embed", *args, "-o", str(tmp_path / "remote"), "--csv", str(tmp_path / "remote.csv"),
+    loud = [a for a in args if a != "-q"]
+    assert main(["embed", *loud, "-o", str(tmp_path / "remote"), "--csv", str(tmp_path / "remote.csv"),
                  "--server", raptor_server.url, "--token-file", token_file(raptor_server, tmp_path)]) == 0
     err = capsys.readouterr().err
     assert f"sending the work to {raptor_server.url}" in err

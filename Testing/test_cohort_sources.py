@@ -100,7 +100,7 @@ def test_manifest_paths_ids_and_header_filling(tmp_path):
     assert found.items[0].paths == [str(written[0].folder.resolve())]
     assert found.items[3].paths[0].endswith("data/missing.nii.gz")
     ids = assign_ids(found.items)
-    assert ids == ["case-1", "series1", "vol-1", "case-404"]
+    assert ids == ["case-1", written[1].series_uid, "vol-1", "case-404"]  # a DICOM folder: its UID, as raptor embed names it
     fill_headers(found.items[0])  # a DICOM folder: headers read only when a filter needs them
     assert found.items[0].kind == "dicom" and found.items[0].modality == "CT" and found.items[0].n_slices == 17
     fill_headers(found.items[2])

@@ -12,7 +12,7 @@ from RaptorExtension.cli import main
 from RaptorExtension.embeddings import parquet as parquet_module
 from RaptorExtension.embeddings.table import read_table
 
-pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is in the test extra; install it with pip install -e '.[test]'")
+pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is a dependency of Raptor; install it with pip install -e .")
 
 
 def test_parquet_holds_the_csv_rows_bit_for_bit(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -171,6 +171,13 @@ def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, raptor_server,
     # Explaining again updates the same nodes.
     again = logic.explain(node, probe, "b")
     assert again.nodes["heatmap"] is heat and scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+    # The overlay measures against an empty slice unless asked for the training mean; both add up to the logit.
+    assert ex.baseline == "background"
+    against_mean = logic.explain(node, probe, "b", baseline="mean").explanation
+    assert against_mean.baseline == "mean" and against_mean.decision == ex.decision and against_mean.bias != ex.bias
+    assert abs(against_mean.residual) < 1e-4
+    with pytest.raises(RaptorError, match="unknown explanation baseline"):
+        logic.explain(node, probe, "b", baseline="zero")
 
 
 def test_explanation_nodes_survive_saving_the_scene(scene, raptor_server, settings, tiny_encoder, tmp_path):

@@ -161,15 +161,22 @@ def _date_range(text: str | None) -> tuple[str, str]:
 
 
 class ConsoleProgress:
-    """tqdm bars on a terminal; a plain line every ``interval`` seconds in a log file (cluster jobs)."""
+    """Series and slice bars (rate and ETA) on a terminal; a plain line every few seconds in a log file (cluster jobs)."""
 
-    def __init__(self, quiet: bool, interval: float = 30.0) -> None:
+    def __init__(self, quiet: bool, interval: float | None = None, *, stream=None, clock=time.monotonic) -> None:
+        from .progress import RateMeter, SliceCounter, plain_interval
+
         self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.interval = interval
-        self.bar = None
-        self.last_line = 0.0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = plain_interval() if interval is None else interval
+        self.clock = clock
+        self.bar = self.slice_bar = None
+        self.last_line = None
         self.phase = ""
+        self.meter = RateMeter(clock=clock)
+        self.counter = SliceCounter()
+        self.slice_volume = None
 
     def __call__(self, p) -> None:
         if self.quiet:
@@ -181,40 +188,62 @@ class ConsoleProgress:
             if p.phase == "embedding" and self.tty and p.total:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=p.total, desc="series", unit="series", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(total=p.total, desc="series", unit="series", file=self.stream, dynamic_ncols=True, position=0)
             elif p.phase in ("merging", "finished", "writing parquet"):
                 self.close()
         if p.phase != "embedding":
             return
+        if p.current and p.slices_total:
+            self.meter.update(self.counter.report(p.current, p.slices_done, p.slices_total))
+        slices = self.meter.describe("slices", p.slices_total - p.slices_done if p.slices_total else None)
         if self.bar is not None:
             self.bar.n = p.finished
-            self.bar.set_postfix_str(f"{p.current[:20]} {p.slices_done}/{p.slices_total} slices, {p.failed} failed", refresh=False)
+            self.bar.set_postfix_str(f"{p.failed} failed", refresh=False)
             self.bar.refresh()
-        elif time.monotonic() - self.last_line >= self.interval:
-            self.last_line = time.monotonic()
+            if p.current and p.slices_total:
+                self._slice_bar(p, slices)
+            return
+        now = self.clock()
+        if self.last_line is None or now - self.last_line >= self.interval:
+            self.last_line = now
             eta = p.eta_seconds
             eta_text = f", ETA {_duration(eta)}" if eta is not None else ""
-            self.write(f"raptor: {p.finished}/{p.total} series ({p.failed} failed), {p.volumes_per_second:.2f} volumes/s{eta_text}")
+            current = f"; {p.current}: {p.slices_done}/{p.slices_total} slices, {slices}" if p.current and p.slices_total else ""
+            self.write(f"raptor: {p.finished}/{p.total} series ({p.failed} failed), {p.volumes_per_second:.2f} volumes/s"
+                       f"{eta_text}{current}")
+
+    def _slice_bar(self, p, described: str) -> None:
+        from tqdm import tqdm
+
+        if self.slice_volume != p.current:
+            if self.slice_bar is not None:
+                self.slice_bar.close()
+            self.slice_bar = tqdm(total=p.slices_total, desc=f"{p.current[:24]:24s}", position=1, leave=False,
+                                  file=self.stream, dynamic_ncols=True,
+                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} slices{postfix}")
+            self.slice_volume = p.current
+        self.slice_bar.n = p.slices_done
+        self.slice_bar.set_postfix_str(described, refresh=False)
+        self.slice_bar.refresh()
 
     def write(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=self.stream)
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in (self.slice_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.slice_bar = None
+        self.slice_volume = None
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    from .progress import duration
+
+    return duration(seconds)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -334,7 +363,8 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from ..cohort.merge import merge_parts
 
     summary = merge_parts(args.parts, args.output)
-    print(f"raptor: merged {summary.parts} parts: {summary.rows} series -> {summary.output}")
+    parts = f"{summary.parts} part" + ("s" if summary.parts != 1 else "")
+    print(f"raptor: merged {parts}: {summary.rows} series -> {summary.output}")
     if summary.failed:
         print(f"raptor: {summary.failed} series failed in the shards, listed in {summary.errors_csv}", file=sys.stderr)
     return 0

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import (
-    add_embedding_options,
-    add_server_options,
-    non_negative_int,
-    settings_from_args,
-)
+from .options import add_embedding_options, add_server_options, non_negative_int, positive_int, settings_from_args
 
 
 def add_embed_parser(sub) -> None:
     p = sub.add_parser("embed", help="embed volumes (files, DICOM series folders, MedMNIST .npz)",
                        description="Embed CT/MR volumes with a frozen ViT along three planes.")
-    p.add_argument("inputs", nargs="+", help="NRRD, NIfTI, MetaImage, a DICOM series folder, .npy, or .npz[#test_17]")
+    p.add_argument("inputs", nargs="+",
+                   help="NRRD, NIfTI, MetaImage, a DICOM series folder, .npy, or .npz (#test, #test_17, #train[0:100])")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="embed only the first N volumes the inputs name (e.g. with file.npz#train)")
     p.add_argument("--out-dir", "-o", default=None, help="write one ID.npz per volume here (default ./raptor_embeddings unless --csv)")
     p.add_argument("--csv", default=None, help="also (or only) write one CSV row per volume to this file")
     p.add_argument("--skip-existing", action="store_true", help="skip volumes whose output already exists with the same settings (resume)")
     p.add_argument("--continue-on-error", action="store_true", help="log failing volumes to the errors file and go on")
     p.add_argument("--errors", default=None, help="errors CSV (default OUT_DIR/raptor_errors.csv or next to --csv)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no model lines, only the summary and errors")
     p.add_argument("--readers", type=non_negative_int, default=2,
                    help="volumes read ahead while the encoder works (0: read in turn; default 2)")
     p.add_argument("--loader", default="auto", choices=("auto", "processes", "threads"),
@@ -44,16 +43,19 @@ def open_embedder(args: argparse.Namespace, settings):
         client = client_from_args(args)
         health = client.health()
         where = ", ".join(d["name"] for d in health.get("devices", [])) or "?"
-        print(f"raptor: sending the work to {client.url} (raptor {health['version']}; {where})", file=sys.stderr)
         embedder = RemoteEmbedder(client, settings)
-        print(f"raptor: {embedder.summary()}", file=sys.stderr)
+        if not args.quiet:
+            print(f"raptor: sending the work to {client.url} (raptor {health['version']}; {where})", file=sys.stderr)
+            print(f"raptor: {embedder.summary()}", file=sys.stderr)
         return embedder
     from ..encoding.model import model_summary
     from ..encoding.pipeline import Embedder
 
-    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
-    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
     return embedder
 
 
@@ -78,14 +80,29 @@ def run_embed(args: argparse.Namespace) -> int:
                 raise
             errors.add(spec, spec, str(exc))
             print(f"raptor: skipped: {exc}", file=sys.stderr)
+    if args.limit is not None:
+        refs = refs[: args.limit]
     ids = [r.id for r in refs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    counts = collections.Counter(ids)
+    dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
 
     settings = settings_from_args(args)
+    # What can be checked without the model is checked first: loading it takes a while, and embedding
+    # a volume only to find that the CSV it goes to holds other settings wastes more.
+    csv_ids = _check_csv_before_loading(args.csv, settings)
+    if args.skip_existing and all([_done_before_loading(ref, out_dir, csv_ids, settings) for ref in refs]):
+        where = ", ".join(str(p) for p in (out_dir, args.csv) if p)
+        print(f"raptor: embedded 0, skipped {len(refs)} already done, failed 0 -> {where}")
+        if errors.count:
+            print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
+        return 1 if errors.count else 0
+
     embedder = open_embedder(args, settings)
     table = TableAppender(args.csv) if args.csv else None
+    if table is not None and table.settings is not None:
+        _check_table_settings(table, embedder)
 
     todo = []
     skipped = 0
@@ -96,6 +113,7 @@ def run_embed(args: argparse.Namespace) -> int:
         todo.append(ref)
 
     progress = Progress(total_volumes=len(todo), enabled=not args.quiet)
+    embedder.notice = lambda text: progress.write(f"raptor: {text}")
     done = failed = 0
     try:
         # Slicer's readers hold the GIL, so for several inputs read-ahead runs in processes.
@@ -123,6 +141,72 @@ def run_embed(args: argparse.Namespace) -> int:
     if failed or errors.count:
         print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
     return 1 if (failed or errors.count) else 0
+
+
+def _fixed_preset(settings) -> str:
+    """The preset every volume gets, or '' under ``auto`` (it then depends on each volume's modality)."""
+    from ..volumes.intensity import resolve_preset
+
+    return "" if (settings.preset or "auto").lower() == "auto" else resolve_preset(settings.preset, None, settings.ct_window).describe()
+
+
+def _check_csv_before_loading(csv_path: str | None, settings) -> set[str] | None:
+    """The ids already in ``--csv`` (None without ``--csv``), after refusing a table made with settings this run
+    would not make."""
+    from ..embeddings.stream import index_table
+    from ..encoding.pipeline import check_known_settings
+
+    if not csv_path:
+        return None
+    if not Path(csv_path).is_file() or Path(csv_path).stat().st_size == 0:
+        return set()
+    index = index_table(csv_path, allow_torn_tail=True)
+    if index.settings is not None:
+        check_known_settings(index.settings, settings, f"{csv_path} (existing rows) vs this run", _fixed_preset(settings) or None)
+    return set(index.ids)
+
+
+def _check_table_settings(table, embedder) -> None:
+    """With the model loaded, and before any volume is embedded: the weights and the projection too."""
+    from ..embeddings.settings import describe_differences, settings_of
+    from ..errors import MetadataMismatch
+
+    preset = _fixed_preset(embedder.settings)
+    expected = settings_of(embedder.settings_metadata(preset=preset))
+    diffs = [d for d in describe_differences(table.settings, expected) if preset or not d.startswith("preset")]
+    if diffs:
+        raise MetadataMismatch(f"{table.path} (existing rows) vs this run: embedding settings differ: " + "; ".join(diffs))
+
+
+def _done_before_loading(ref, out_dir: Path | None, csv_ids: set[str] | None, settings) -> bool:
+    """True when every output of this volume exists, made with the model asked for and the settings known so far.
+
+    Conservative: when in doubt (another model name, an unreadable file) it says no,
+    and :func:`_already_done` decides with the model loaded.
+    """
+    from ..embeddings.embedding import Embedding
+    from ..embeddings.settings import describe_differences
+    from ..encoding.pipeline import settings_known_before_loading
+    from ..names import recorded_model_name
+
+    if out_dir is not None:
+        path = out_dir / f"{ref.id}.npz"
+        if not path.exists():
+            return False
+        try:
+            existing = Embedding.load(path)
+        except RaptorError:
+            return False
+        preset = _fixed_preset(settings)
+        this_run = dict(existing.settings(), **settings_known_before_loading(settings, preset or None))
+        diffs = describe_differences(existing.settings(), this_run)
+        if diffs:
+            raise RaptorError(
+                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
+            )
+        if existing.metadata.get("encoder") != recorded_model_name(settings.model):
+            return False
+    return csv_ids is None or ref.id in csv_ids
 
 
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:

@@ -3,8 +3,8 @@
 Subcommands live in small modules that each provide ``add_parser(subparsers)``
 (which sets ``func``) so the command line grows without one giant file:
 ``embed`` and ``info`` in :mod:`.embed`, ``probe`` and ``explain`` in
-:mod:`.probe`, ``batch`` and ``merge`` in :mod:`.batch`, ``models`` in
-:mod:`.models`; the options they share in :mod:`.options`.
+:mod:`.probe`, ``labels`` in :mod:`.labels`, ``batch`` and ``merge`` in :mod:`.batch`,
+``models`` in :mod:`.models`; the options they share in :mod:`.options`.
 
 Every user-facing failure prints one line ``raptor: error: ...`` and exits
 non-zero; there are no tracebacks for bad input.
@@ -17,7 +17,7 @@ import sys
 
 from ..errors import Cancelled, RaptorError
 from ..version import __version__
-from . import batch, models, probe, serve
+from . import batch, labels, models, probe, serve
 from .embed import add_embed_parser, add_info_parser
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_embed_parser(sub)
     add_info_parser(sub)
-    for module in (probe, batch, models, serve):
+    for module in (probe, labels, batch, models, serve):
         module.add_parser(sub)
     return parser
 

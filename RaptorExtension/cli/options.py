@@ -33,12 +33,13 @@ def _window(text: str) -> tuple[float, float]:
 
 def add_embedding_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that makes embeddings (embed, batch, explain)."""
-    from ..names import DEFAULT_MODEL, PLANES, PRESETS
+    from ..names import DEFAULT_MODEL, OFFLINE_MODEL, PLANES, PRESETS
 
     g = parser.add_argument_group("embedding settings (recorded in every embedding)")
     g.add_argument("--model", default=os.environ.get("RAPTOR_MODEL", DEFAULT_MODEL),
-                   help=f"Hugging Face id or local folder (default {DEFAULT_MODEL}; short names dinov2-s/b/l/g, dinov3-s/b/l)")
-    g.add_argument("--k", type=positive_int, default=100, help="projected token width K (100 = Raptor, 10 = Raptor-B)")
+                   help=f"Hugging Face id or local folder (default {DEFAULT_MODEL}; short names dinov2-s/b/l/g, dinov3-s/b/l, "
+                        f"and {OFFLINE_MODEL} for the DINOv2-S/14 setup.sh builds without the hub)")
+    g.add_argument("--k", type=positive_int, default=100, help="projected token width K (default 100 = Raptor; 10 = Raptor-B)")
     g.add_argument("--seed", type=int, default=0, help="seed of the Gaussian projection (default 0)")
     g.add_argument("--grid", default="256", help="isotropic cube size in voxels, or 'native' to keep the array as is (default 256)")
     g.add_argument("--preset", default="auto", choices=PRESETS, help="intensity preset (default auto: ct for CT, mri for MR, else minmax)")

@@ -93,7 +93,12 @@ def add_parser(sub) -> None:
     explain.add_argument("--class", dest="output_name", default=None,
                          help="class, label or target to explain (default: positive / most likely)")
     explain.add_argument("--slices", default="top", choices=("top", "mid"),
-                         help="show each plane's highest-contribution slice (default) or the middle one")
+                         help="the figure shows each plane's highest-contributing slice among those that are not "
+                              "empty (top, the default) or its middle slice (mid)")
+    explain.add_argument("--baseline", default="background", choices=("background", "mean"),
+                         help="measure contributions against an empty slice, so air and padding count 0 "
+                              "(background, the default), or against the average training volume (mean)")
+    explain.add_argument("--quiet", "-q", action="store_true", help="do not print the model being loaded")
     explain.add_argument("--heatmap", default=None, help="also write the heatmap in the input's geometry (.nrrd or .nii.gz)")
     explain.add_argument("--curves", default=None, help="also write the slice curves as CSV")
     explain.add_argument("--dicom-pm", default=None, metavar="FILE.dcm",
@@ -135,7 +140,7 @@ def run_fit(args: argparse.Namespace) -> int:
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
-    print(metrics_table(probe.metrics, probe.task))
+    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
         print(f"raptor: warning: {warning}", file=sys.stderr)
     print(f"raptor: wrote {written.probe}, {written.metrics}, {written.plot}", file=sys.stderr)
@@ -183,7 +188,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
           f"keep_cls={e.get('keep_cls')}, {probe.n_features} features")
-    print(metrics_table(probe.metrics, probe.task))
+    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     return 0
 
 
@@ -215,8 +220,9 @@ def run_explain(args: argparse.Namespace) -> int:
     if source is not None:
         written += write_explain_results(args, probe, scores, ex, source, came_from)
     kind = "logit" if probe.task != "regression" else "value"
-    print(f"{volume_id}: {ex.output} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
-          f"+ contributions {ex.total:+.4f} (residual {ex.residual:.1e})")
+    reference = "an empty slice" if ex.baseline == "background" else "the training mean"
+    print(f"{ex.title or volume_id} score {ex.score:.4f}; {kind} {ex.decision:+.4f} = bias {ex.bias:+.4f} "
+          f"+ contributions {ex.total:+.4f} against {reference} (residual {ex.residual:.1e})")
     for i, plane in enumerate(ex.planes):
         top = ex.top_slice(i)
         print(f"  {plane:9s} sum {ex.slice_curves[i].sum():+.4f}; top slice {top} ({ex.slice_curves[i][top]:+.4f})")
@@ -237,11 +243,13 @@ def _explain_here(args: argparse.Namespace, probe):
                                   cache_dir=args.cache_dir)
     if not settings.model:
         raise RaptorError(f"{args.probe}: records no model; pass --model")
-    print(f"raptor: loading model {settings.model}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
-    print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
+    if not args.quiet:
+        print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
     explained = explain_volume(probe, embedder, volume)
-    ex = explained.explain(args.output_name)
+    ex = explained.explain(args.output_name, baseline=args.baseline)
     render_explanation(ex, args.output, slices=args.slices)
     return volume.id, ex, explained.scores
 
@@ -273,7 +281,7 @@ def _explain_on_server(args: argparse.Namespace, probe):
     print(f"raptor: sending the probe and {name} to {client.url}", file=sys.stderr)
     request = {"kind": "explain", "probe": {"upload": file_sender(args.probe, "probe").run(client)}, **sent,
                "output": args.output_name, "model": args.model, "device": args.device, "slices": args.slices,
-               "batch_size": args.batch_size}
+               "batch_size": args.batch_size, "baseline": args.baseline}
     job = client.submit(request)
     snapshot = finished_or_raise(client.wait(job["id"]), name)
     result = snapshot["result"]

@@ -138,6 +138,7 @@ class BatchSummary:
     cancelled: bool = False
     seconds: float = 0.0
     parquet: Path | None = None
+    resumed_without_model: bool = False  # every series was done already, so no model was loaded
 
     @property
     def volumes_per_second(self) -> float:

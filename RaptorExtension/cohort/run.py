@@ -103,16 +103,24 @@ def run_batch(
     preset = _single_preset(job, plan)
     devices = resolve_devices(job.devices, getattr(job.settings, "device", "auto"))
     loader = resolve_loader(job.loader, job.readers)
+    if previous and previous.get("settings"):  # before loading a model for a run that would be refused
+        from ..encoding.pipeline import check_known_settings
+
+        check_known_settings(previous["settings"], job.settings, f"{job.csv_path} (earlier run) vs this run", preset)
     try:
-        if len(devices) == 1 and embedder is None:
+        if embedder is None and _resume_without_model(run, plan, preset, previous, summary):
+            pass  # every series of this shard is in the table already: no model is loaded for nothing
+        elif len(devices) == 1 and embedder is None:
             from ..encoding.pipeline import Embedder
 
             run.report(phase="loading model", message=f"loading {job.settings.model}")
             settings = with_device(job.settings, devices[0])
             embedder = (load_embedder or Embedder)(settings)
+            embedder.notice = lambda text: run.report(message=text)
+            embedder.notice_by_id = job.anonymizer is not None
         if embedder is not None:
             _run_in_process(run, plan, preset, embedder, loader, summary, previous)
-        else:
+        elif not summary.resumed_without_model:
             run_workers(run, plan, preset, devices, loader, summary, previous)
     except Cancelled:
         summary.cancelled = True
@@ -150,6 +158,42 @@ def _single_preset(job: BatchJob, plan: Plan) -> str:
     if presets:
         return next(iter(presets))
     return resolve_preset(s.preset, None, s.ct_window).describe()
+
+
+def _resume_without_model(run: RunState, plan: Plan, preset: str, previous: dict | None, summary: BatchSummary) -> bool:
+    """When a rerun finds every series of its shard in the table: check what can be checked, record, and say so.
+
+    Only for a table this job wrote (its record is there, the same model name,
+    no worker parts waiting to be merged, no torn last line); otherwise the
+    model is loaded and the usual checks run.
+    """
+    from ..embeddings.stream import index_table
+    from ..encoding.pipeline import check_known_settings
+    from ..names import recorded_model_name
+    from .job import workers_dir_for
+
+    job = run.job
+    path = job.csv_path
+    old = (previous or {}).get("settings")
+    if not old or not path.is_file() or workers_dir_for(path).exists():
+        return False
+    if old.get("encoder") != recorded_model_name(job.settings.model):
+        return False
+    index = index_table(path, allow_torn_tail=True)
+    n_features = int(previous.get("n_features") or 0)
+    planned = {p.id for p in plan.series}
+    if index.torn_tail or index.header != header_for_job(n_features) or not planned <= set(index.ids):
+        return False
+    if index.settings is not None:
+        check_known_settings(index.settings, job.settings, f"{path} (existing rows) vs this run", preset)
+    summary.skipped = len(plan.series)
+    summary.foreign_rows = len(set(index.ids) - planned)
+    summary.resumed_without_model = True
+    write_record(job, plan, old, n_features, status="running", summary=summary)
+    init_errors(job.errors_path)
+    run.embed_start = time.perf_counter()
+    run.report(phase="embedding", total=0, skipped=summary.skipped)
+    return True
 
 
 def _embed_planned(embedder, todo: list[PlannedSeries], *, readers: int, loader: str, cancel,

@@ -26,6 +26,7 @@ from ..errors import InputError, RaptorError
 from ..volumes.dicom import (
     DicomSeries,
     dicom_folder_series,
+    dicom_folder_uid,
     is_dicom_file,
     read_dicom_series,
     scan_dicom_files,
@@ -443,15 +444,24 @@ def _clean(value: str) -> str:
 def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) -> list[str]:
     """A unique, stable id per item.
 
-    A manifest id wins; a DICOM series is its SeriesInstanceUID; a file gets
-    its name without suffix, or, when two files share a name, its path below
-    the source folder, plus a short path hash if that is still ambiguous.
+    A manifest id wins; a DICOM series is its SeriesInstanceUID (the rule
+    ``raptor embed`` follows too, :func:`..volumes.dicom.series_id`, so their rows
+    join), or without one the name of its folder; a file gets its name without
+    suffix, or, when two files share a name, its path below the source folder,
+    plus a short path hash if that is still ambiguous.
     """
     import hashlib
 
     roots = [os.path.abspath(r) for r in roots]
-    fixed = [bool(it.user_id) or (it.kind in ("dicom", "dicomweb") and bool(it.series_uid)) for it in items]
-    ids = [it.user_id or (it.series_uid if fx else volume_id_from_path(Path(it.paths[0]))) for it, fx in zip(items, fixed)]
+    for it in items:  # a manifest's DICOM folder: its UID from one header, as raptor embed reads it
+        if it.kind == "path" and not it.user_id and not it.series_uid and os.path.isdir(it.paths[0]):
+            it.series_uid = dicom_folder_uid(Path(it.paths[0]))
+    is_series = [it.kind in ("dicom", "dicomweb") or (it.kind == "path" and os.path.isdir(it.paths[0])) for it in items]
+    fixed = [bool(it.user_id) or (series and bool(it.series_uid)) for it, series in zip(items, is_series)]
+    ids = [
+        it.user_id or (it.series_uid if fx else volume_id_from_path(Path(it.paths[0]).parent if it.kind == "dicom" else Path(it.paths[0])))
+        for it, fx in zip(items, fixed)
+    ]
 
     def collisions() -> set[str]:
         seen: dict[str, int] = {}

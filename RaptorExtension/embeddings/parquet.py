@@ -1,7 +1,7 @@
 """An embedding CSV as Parquet, for tools that read columnar files (pandas, Polars, Spark, DuckDB).
 
-Optional: needs ``pyarrow``, which Raptor does not install; :func:`require_pyarrow`
-says so up front, before a long job starts.  The Parquet file holds the
+Needs ``pyarrow`` (a dependency of Raptor; inside Slicer it is installed at first
+use); :func:`require_pyarrow` says so up front, before a long job starts, where it is missing.  The Parquet file holds the
 identifying and metadata columns as strings and the features as one
 ``embedding`` column of fixed-size float32 lists (tens of thousands of
 separate ``e`` columns would make every Parquet reader crawl).  It is written
@@ -11,11 +11,11 @@ from the finished CSV in row groups, so memory stays bounded, and atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import temp_file_beside
 from ..errors import RaptorError
 from .stream import iter_rows
 
@@ -46,7 +46,7 @@ def csv_to_parquet(csv_path: str | Path, parquet_path: str | Path) -> Path:
     n_features = len(header) - n_prefix
     schema = pa.schema([pa.field(n, pa.string()) for n in names] + [pa.field("embedding", pa.list_(pa.float32(), n_features))])
     parquet_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{parquet_path.name}.", suffix=".tmp", dir=parquet_path.parent)
+    fd, tmp = temp_file_beside(parquet_path)
     os.close(fd)
     try:
         with pq.ParquetWriter(tmp, schema) as writer:

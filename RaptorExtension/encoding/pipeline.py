@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..embeddings.embedding import Embedding, build_metadata
-from ..embeddings.settings import settings_hash
+from ..embeddings.embedding import FORMAT_VERSION, Embedding, build_metadata
+from ..embeddings.settings import check_compatible, settings_hash
 from ..errors import RaptorError
-from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
+from ..volumes.intensity import IntensityPreset, ct_hint, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
 from ..volumes.volume import Volume, VolumeRef, validate_volume
@@ -31,6 +31,31 @@ from .triaxial import TriaxialEncoder, TriaxialResult
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(volume_id, slices_done, slices_total)``."""
+
+
+def settings_known_before_loading(settings: EmbedSettings, preset: str | None = None) -> dict:
+    """The comparable settings a run fixes before its model is loaded.
+
+    The weights' hash, the projection's (it depends on the model's width) and,
+    unless asked for, the image size come with the model; the preset is known
+    when it is set, or when the caller resolved ``auto`` (pass it as ``preset``).
+    """
+    known = {"format_version": FORMAT_VERSION, "k": int(settings.k), "seed": int(settings.seed),
+             "planes": list(settings.planes), "grid": settings.grid, "keep_cls": bool(settings.keep_cls)}
+    if settings.image_size:
+        known["image_size"] = int(settings.image_size)
+    if preset is None and (settings.preset or "auto").lower() != "auto":
+        preset = resolve_preset(settings.preset, None, settings.ct_window).describe()
+    if preset:
+        known["preset"] = preset
+    return known
+
+
+def check_known_settings(existing: dict, settings: EmbedSettings, what: str, preset: str | None = None) -> None:
+    """Refuse, before any model is loaded, outputs made with settings this run would not make (naming each)."""
+    candidate = dict(existing)
+    candidate.update(settings_known_before_loading(settings, preset))
+    check_compatible(existing, candidate, what)
 
 
 @dataclass
@@ -59,6 +84,11 @@ class Embedder:
             batch_size=s.batch_size,
             dedup_constant_slices=s.dedup_constant_slices,
         )
+        self.notice: Callable[[str], None] | None = None
+        """Called with a one-line hint (e.g. a CT file without modality under ``--preset auto``), once per embedder."""
+        self.notice_by_id = False
+        """Hints name the volume's id rather than its source path (anonymized batches never print paths)."""
+        self._hinted = False
 
     # ------------------------------------------------------------------
     @property
@@ -104,6 +134,12 @@ class Embedder:
         s = self.settings
         preset = resolve_preset(s.preset, volume.modality, s.ct_window)
         data = torch.from_numpy(np.ascontiguousarray(volume.array)).to(self.encoder.device, torch.float32)
+        if self.notice is not None and not self._hinted and preset.name == "minmax" and s.preset == "auto":
+            where = volume.id if self.notice_by_id else (volume.source or volume.id)
+            hint = ct_hint(s.preset, volume.modality, float(data.min()), float(data.max()), where)
+            if hint:
+                self._hinted = True
+                self.notice(hint)
         data = normalize(data, preset)
         if s.grid == "native":
             cube, cube_to_ras = data, None
@@ -217,4 +253,4 @@ def _by_id(progress: ProgressCallback | None, prepared: dict) -> Callable[[Any, 
     return report
 
 
-__all__ = ["EmbedSettings", "Embedder", "DEFAULT_GRID"]
+__all__ = ["EmbedSettings", "Embedder", "DEFAULT_GRID", "settings_known_before_loading", "check_known_settings"]

@@ -117,6 +117,14 @@ class TriaxialEncoder:
             start += size
         return torch.cat(outs_cls), torch.cat(outs_patch)
 
+    def constant_slice_tokens(self, value: float, cancel: CancelToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS (d,) and patch tokens (p*p, d) of a slice that is ``value`` throughout.
+
+        The very tensors a constant slice of a volume is served from, so a
+        reference computed from them matches such a slice bit for bit.
+        """
+        return self._constant_tokens([float(value)], cancel)[0]
+
     def _constant_tokens(self, values: list[float], cancel) -> list[tuple[torch.Tensor, torch.Tensor]]:
         missing = [v for v in dict.fromkeys(values) if v not in self._constants]
         if missing:

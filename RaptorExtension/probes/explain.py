@@ -17,12 +17,30 @@ slice) for the CLS block:
     v[o, pl, rc] = sum_k (W[o, pl, k, rc] / sigma) R[k, :],
     m[o, pl, rc] = sum_k (W[o, pl, k, rc] / sigma) mu[pl, k, rc].
 
-The training mean ``mu`` is spread evenly over the slices, so contributions
-are measured against the average training volume: a volume whose embedding
-equals the training mean has an all-zero heatmap and its logit is the bias.
+Baselines
+---------
+Each contribution is measured against a reference, and the bias absorbs what
+the reference itself scores, so bias plus contributions is the decision in
+both cases:
+
+``background`` (the default)
+    against an empty slice of the preset's background value (0 after the
+    intensity preset: the bottom of its window, air for ``ct``, and the value
+    the cube is padded with): ``c[pl, s, rc] = (1/n) (t_s[rc] - t_bg[rc]) . v``,
+    and the bias becomes ``b + sum (t_bg . v - m)``.  A constant background
+    slice (air around the body, padding) contributes exactly 0, because it is
+    encoded once per value and its tokens *are* ``t_bg``; what is left is what
+    the anatomy adds.
+``mean``
+    against the average training volume: the training mean ``mu`` is spread
+    evenly over the slices, ``c = (1/n) (t_s . v - m)``.  A volume whose
+    embedding equals the training mean has an all-zero heatmap and its logit
+    is the bias; but every constant slice gets the same, often large, share,
+    so an empty slice can rank first.
+
 The tokens are never projected or kept: each slice group's tokens are dotted
 with ``v`` in the encoder's slice hook as they stream past, and only the
-(planes, slices, p, p) contributions stay.
+(planes, slices, p, p) dot products stay.
 
 Heatmap
 -------
@@ -57,7 +75,7 @@ from ..encoding.triaxial import PLANES
 from ..errors import RaptorError
 from ..volumes.intensity import resolve_preset
 from ..volumes.volume import Volume
-from .explanation import Explanation
+from .explanation import BASELINES, Explanation
 from .probe import Probe
 from .probe_settings import embed_settings_for, parse_preset
 
@@ -87,18 +105,31 @@ def output_target(probe: Probe, name: str | None, scores: np.ndarray | None = No
     return OutputTarget(name=name, index=probe.classes.index(name), sign=1.0)
 
 
+
+BACKGROUND_VALUE = 0.0
+"""The preset's background in the prepared cube: the bottom of its window (air for ``ct``), and the padding."""
+
+
 @dataclass
 class VolumeExplanation:
-    """Contributions of every plane, slice and patch to every output of a linear probe."""
+    """The dot products of every plane, slice and patch with every output of a linear probe, and their references.
+
+    Contributions are ``(raw - reference) / slices`` for the chosen baseline (:data:`BASELINES`).
+    """
 
     probe: Probe
     embedding: Embedding
+    volume_id: str
     planes: list[str]
     plane_axes: list[int]
-    patch_contributions: list[np.ndarray]
-    """Per plane: (outputs, slices, p, p) float64, the CLS part excluded."""
-    cls_contributions: list[np.ndarray] | None
+    raw_patch: list[np.ndarray]
+    """Per plane: (outputs, slices, p*p) float64, each slice's tokens dotted with the probe's patch weights."""
+    raw_cls: list[np.ndarray] | None
     """Per plane: (outputs, slices) float64 when the embedding keeps CLS tokens."""
+    references: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    """Per baseline: the patch reference (outputs, planes, p*p) and the CLS one (outputs, planes)."""
+    constant_slices: list[np.ndarray]
+    """Per plane: (slices,) bool, True where the slice is one value throughout (air, padding)."""
     decision: np.ndarray
     """(outputs,) the probe's decision values from the embedding, as ``raptor probe apply`` computes them."""
     scores: np.ndarray
@@ -110,32 +141,63 @@ class VolumeExplanation:
     input_shape: tuple[int, int, int]
     seconds: float = 0.0
 
-    def slice_curves(self, output: int) -> list[np.ndarray]:
+    def contributions(self, baseline: str = BASELINES[0]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Per plane, (outputs, slices, p, p) patch contributions and (outputs, slices) CLS ones (or None)."""
+        ref_patch, ref_cls = self._reference(baseline)
+        p = int(round(np.sqrt(self.raw_patch[0].shape[2])))
+        patch = [((raw - ref_patch[:, i, None, :]) / raw.shape[1]).reshape(raw.shape[0], raw.shape[1], p, p)
+                 for i, raw in enumerate(self.raw_patch)]
+        cls = None
+        if self.raw_cls is not None:
+            cls = [(raw - ref_cls[:, i, None]) / raw.shape[1] for i, raw in enumerate(self.raw_cls)]
+        return patch, cls
+
+    def bias(self, output: int, baseline: str = BASELINES[0]) -> float:
+        """The probe's bias plus what the baseline itself scores (nothing for ``mean``)."""
+        bias = float(self.probe.bias[output])
+        if baseline == "mean":
+            return bias
+        ref_patch, ref_cls = self._reference(baseline)
+        mean_patch, mean_cls = self.references["mean"]
+        bias += float((ref_patch[output] - mean_patch[output]).sum())
+        if ref_cls is not None:
+            bias += float((ref_cls[output] - mean_cls[output]).sum())
+        return bias
+
+    def _reference(self, baseline: str):
+        if baseline not in self.references:
+            raise RaptorError(f"unknown explanation baseline {baseline!r} (choose from {', '.join(BASELINES)})")
+        return self.references[baseline]
+
+    def slice_curves(self, output: int, baseline: str = BASELINES[0]) -> list[np.ndarray]:
         """Per plane, the contribution of every slice (patches plus CLS): the 'slice attention'."""
+        patch, cls = self.contributions(baseline)
         curves = []
-        for i, pc in enumerate(self.patch_contributions):
+        for i, pc in enumerate(patch):
             curve = pc[output].sum(axis=(1, 2))
-            if self.cls_contributions is not None:
-                curve = curve + self.cls_contributions[i][output]
+            if cls is not None:
+                curve = curve + cls[i][output]
             curves.append(curve)
         return curves
 
-    def total(self, output: int) -> float:
-        return float(sum(c.sum() for c in self.slice_curves(output)))
+    def total(self, output: int, baseline: str = BASELINES[0]) -> float:
+        return float(sum(c.sum() for c in self.slice_curves(output, baseline)))
 
-    def explain(self, name: str | None = None, *, heatmap: bool = True, device: str | torch.device = "cpu") -> "Explanation":
-        """The explanation of one class/label/target, with its heatmaps."""
+    def explain(self, name: str | None = None, *, heatmap: bool = True, device: str | torch.device = "cpu",
+                baseline: str = BASELINES[0]) -> "Explanation":
+        """The explanation of one class/label/target, with its heatmaps, against ``baseline``."""
         target = output_target(self.probe, name, self.scores)
         s = target.sign
-        curves = [s * c for c in self.slice_curves(target.index)]
-        bias = s * float(self.probe.bias[target.index])
+        curves = [s * c for c in self.slice_curves(target.index, baseline)]
+        bias = s * self.bias(target.index, baseline)
         decision = s * float(self.decision[target.index])
         cube_heat = input_heat = None
         if heatmap:
-            cube_heat = s * self.cube_heatmap(target.index)
+            cube_heat = s * self.cube_heatmap(target.index, baseline)
             input_heat = heatmap_to_input(cube_heat, self.cube_ijk_to_ras, self.input_ijk_to_ras, self.input_shape,
                                           device=device)
         score_index = self.probe.classes.index(target.name)
+        columns = list(self.probe.label_columns)
         return Explanation(
             output=target.name,
             decision=decision,
@@ -151,19 +213,24 @@ class VolumeExplanation:
             input_ijk_to_ras=self.input_ijk_to_ras,
             task=self.probe.task,
             probe_name=self.probe.name or self.probe.label(),
+            baseline=baseline,
+            volume_id=self.volume_id,
+            label_column=columns[0] if len(columns) == 1 and self.probe.task in ("binary", "multiclass") else "",
+            constant_slices=[c.copy() for c in self.constant_slices],
         )
 
-    def cube_heatmap(self, output: int) -> np.ndarray:
+    def cube_heatmap(self, output: int, baseline: str = BASELINES[0]) -> np.ndarray:
         """Contributions spread over the cube's voxels; the voxels sum to :meth:`total`."""
+        patch, cls = self.contributions(baseline)
         heat = np.zeros(self.cube.shape, dtype=np.float64)
         for i, axis in enumerate(self.plane_axes):
-            contributions = self.patch_contributions[i][output]  # (slices, p, p)
+            contributions = patch[i][output]  # (slices, p, p)
             in_plane = [a for a in range(3) if a != axis]
             rows, cols = self.cube.shape[in_plane[0]], self.cube.shape[in_plane[1]]
             p = contributions.shape[1]
             plane = np.einsum("hr,src,wc->shw", patch_overlap(rows, p), contributions, patch_overlap(cols, p))
-            if self.cls_contributions is not None:
-                plane += (self.cls_contributions[i][output] / (rows * cols))[:, None, None]
+            if cls is not None:
+                plane += (cls[i][output] / (rows * cols))[:, None, None]
             heat += np.moveaxis(plane, 0, axis)
         return heat
 
@@ -269,35 +336,49 @@ def explain_volume(
     raw_patch = [np.zeros((outputs, n, pp), dtype=np.float64) for n in counts]
     raw_cls = [np.zeros((outputs, n), dtype=np.float64) for n in counts] if keep_cls else None
 
+    def dot_patch(patch_tokens: torch.Tensor, slot: int) -> np.ndarray:  # (n, pp, d) -> (outputs, n, pp)
+        return torch.einsum("npd,opd->onp", patch_tokens.to(torch.float64), v[:, slot]).cpu().numpy()
+
+    def dot_cls(cls_tokens: torch.Tensor, slot: int) -> np.ndarray:  # (n, d) -> (outputs, n)
+        return torch.einsum("nd,od->on", cls_tokens.to(torch.float64), w_cls[:, slot]).cpu().numpy()
+
     def hook(key, slot, indices, patch_tokens, cls_tokens):
         idx = indices.cpu().numpy()
-        dots = torch.einsum("npd,opd->onp", patch_tokens.to(torch.float64), v[:, slot])
-        raw_patch[slot][:, idx] = dots.cpu().numpy()
+        raw_patch[slot][:, idx] = dot_patch(patch_tokens, slot)
         if raw_cls is not None:
-            raw_cls[slot][:, idx] = torch.einsum("nd,od->on", cls_tokens.to(torch.float64), w_cls[:, slot]).cpu().numpy()
+            raw_cls[slot][:, idx] = dot_cls(cls_tokens, slot)
 
     report = (lambda key, done, total: progress(volume.id, done, total)) if progress else None
     results = list(embedder.triaxial.encode([(volume.id, prepared.cube)], progress=report, cancel=cancel, slice_hook=hook))
     embedding = embedder.finish(prepared, results[0], time.perf_counter() - start)
     probe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), volume.source)
 
-    patch_contributions = [
-        ((raw_patch[i] - m_patch[:, i, None, :]) / counts[i]).reshape(outputs, counts[i], p, p) for i in range(n_planes)
-    ]
-    cls_contributions = (
-        [(raw_cls[i] - m_cls[:, i, None]) / counts[i] for i in range(n_planes)] if keep_cls else None
-    )
+    # The background reference: an empty slice, encoded (once) exactly as the encoder encodes constant slices,
+    # and dotted the same way, so a background slice of the volume contributes exactly 0.
+    bg_cls_tokens, bg_patch_tokens = embedder.triaxial.constant_slice_tokens(BACKGROUND_VALUE, cancel)
+    bg_patch = np.stack([dot_patch(bg_patch_tokens[None], i)[:, 0] for i in range(n_planes)], axis=1)
+    bg_cls = np.stack([dot_cls(bg_cls_tokens[None], i)[:, 0] for i in range(n_planes)], axis=1) if keep_cls else None
+    references = {"background": (bg_patch, bg_cls), "mean": (m_patch, m_cls if keep_cls else None)}
+
+    cube = prepared.cube
+    constant = []
+    for axis in plane_axes:
+        other = tuple(a for a in range(3) if a != axis)
+        constant.append((cube.amin(dim=other) == cube.amax(dim=other)).cpu().numpy())
     vector = embedding.vector[None]
     return VolumeExplanation(
         probe=probe,
         embedding=embedding,
+        volume_id=volume.id,
         planes=planes,
         plane_axes=plane_axes,
-        patch_contributions=patch_contributions,
-        cls_contributions=cls_contributions,
+        raw_patch=raw_patch,
+        raw_cls=raw_cls,
+        references=references,
+        constant_slices=constant,
         decision=probe.decision(vector)[0],
         scores=probe.scores(vector)[0],
-        cube=prepared.cube.float().cpu().numpy(),
+        cube=cube.float().cpu().numpy(),
         cube_ijk_to_ras=None if prepared.cube_to_ras is None else np.asarray(prepared.cube_to_ras, dtype=np.float64),
         input_ijk_to_ras=np.asarray(volume.ijk_to_ras, dtype=np.float64),
         input_shape=tuple(int(s) for s in volume.array.shape),
@@ -305,4 +386,5 @@ def explain_volume(
     )
 
 
-__all__ = ["embed_settings_for", "parse_preset", "explain_volume", "VolumeExplanation", "Explanation", "heatmap_to_input", "patch_overlap", "output_target"]
+__all__ = ["BASELINES", "embed_settings_for", "parse_preset", "explain_volume", "VolumeExplanation", "Explanation", "heatmap_to_input",
+           "patch_overlap", "output_target"]

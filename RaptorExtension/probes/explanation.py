@@ -21,6 +21,8 @@ from ..errors import InputError
 
 FORMAT = "raptor-explanation"
 FORMAT_VERSION = 1
+BASELINES = ("background", "mean")
+"""What contributions are measured against (see the module docstring); the first is the default."""
 
 
 @dataclass
@@ -43,6 +45,12 @@ class Explanation:
     input_ijk_to_ras: np.ndarray
     task: str
     probe_name: str
+    baseline: str = BASELINES[0]
+    volume_id: str = ""
+    label_column: str = ""
+    """The label column whose class is explained (binary and multi-class probes; else the output is the column)."""
+    constant_slices: list[np.ndarray] | None = None
+    """Per plane, which slices are one constant value (air, padding): never chosen as a top slice."""
     extra: dict = field(default_factory=dict)
     cube_shape: tuple[int, int, int] | None = None
 
@@ -59,9 +67,19 @@ class Explanation:
         """decision - (bias + contributions): float rounding only (the embedding is stored as float32)."""
         return self.decision - (self.bias + self.total)
 
+    @property
+    def title(self) -> str:
+        """What is explained, in words: ``scan_01: adrenal = 1`` (or ``scan_01: volume_ml`` for a regression target)."""
+        what = f"{self.label_column} = {self.output}" if self.label_column else self.output
+        return f"{self.volume_id}: {what}" if self.volume_id else what
+
     def top_slice(self, plane: int) -> int:
-        """The slice of a plane that adds most to the decision."""
-        return int(np.argmax(self.slice_curves[plane]))
+        """The slice of a plane that adds most to the decision, among the slices that are not one constant value."""
+        curve = np.asarray(self.slice_curves[plane])
+        varying = None if self.constant_slices is None else ~np.asarray(self.constant_slices[plane], dtype=bool)
+        if varying is None or not varying.any():
+            return int(np.argmax(curve))
+        return int(np.flatnonzero(varying)[np.argmax(curve[varying])])
 
     def slice_ras(self, plane: int, index: int) -> np.ndarray:
         """RAS millimetres of the centre of a slice, for jumping Slicer's slice views to it."""
@@ -79,7 +97,8 @@ def save_explanation(explanation: Explanation, path: str | Path) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "output": ex.output, "decision": float(ex.decision),
         "score": float(ex.score), "bias": float(ex.bias), "planes": list(ex.planes),
         "plane_axes": [int(a) for a in ex.plane_axes], "task": ex.task, "probe_name": ex.probe_name,
-        "cube_shape": [int(s) for s in ex.cube_shape], "extra": ex.extra,
+        "cube_shape": [int(s) for s in ex.cube_shape], "extra": ex.extra, "baseline": ex.baseline,
+        "volume_id": ex.volume_id, "label_column": ex.label_column,
     }
     arrays = {
         "header": np.array(json.dumps(header, sort_keys=True)),
@@ -89,6 +108,8 @@ def save_explanation(explanation: Explanation, path: str | Path) -> Path:
     }
     for i, curve in enumerate(ex.slice_curves):
         arrays[f"curve_{i}"] = np.asarray(curve, dtype="<f8")
+        if ex.constant_slices is not None:
+            arrays[f"constant_{i}"] = np.asarray(ex.constant_slices[i], dtype=bool)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     with atomic_write(path) as handle:
@@ -132,12 +153,21 @@ def load_explanation(path: str | Path) -> Explanation:
     for key in ("output", "task", "probe_name"):
         if not isinstance(header.get(key), str):
             raise bad(key)
-    curves = []
+    for key in ("volume_id", "label_column"):
+        if not isinstance(header.get(key, ""), str):
+            raise bad(key)
+    if header.get("baseline", BASELINES[0]) not in BASELINES:
+        raise bad("baseline")
+    curves, constant = [], []
     for i, axis in enumerate(axes):
         curve = arrays.get(f"curve_{i}")
         if curve is None or curve.dtype != np.float64 or curve.shape != (shape[axis],):
             raise bad(f"slice curve {i}")
         curves.append(curve)
+        flags = arrays.get(f"constant_{i}")
+        if flags is not None and (flags.dtype != bool or flags.shape != curve.shape):
+            raise bad(f"constant slices {i}")
+        constant.append(flags)
     heatmap = arrays.get("heatmap")
     if heatmap is None or heatmap.dtype != np.float32 or heatmap.ndim != 3:
         raise bad("heatmap")
@@ -150,8 +180,10 @@ def load_explanation(path: str | Path) -> Explanation:
         heatmap=heatmap if heatmap.size else None, cube=None,
         cube_ijk_to_ras=cube_m if cube_m.size else None, input_ijk_to_ras=input_m, task=header["task"],
         probe_name=header["probe_name"], extra=header.get("extra") if isinstance(header.get("extra"), dict) else {},
-        cube_shape=tuple(shape),
+        cube_shape=tuple(shape), baseline=header.get("baseline", BASELINES[0]), volume_id=header.get("volume_id", ""),
+        label_column=header.get("label_column", ""),
+        constant_slices=constant if all(c is not None for c in constant) else None,
     )
 
 
-__all__ = ["Explanation", "save_explanation", "load_explanation"]
+__all__ = ["BASELINES", "Explanation", "save_explanation", "load_explanation"]

@@ -25,8 +25,13 @@ def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(volume, index, axis=axis)
 
 
-def render_explanation(explanation: Explanation, path: str | Path, *, slices: str = "top", title: str | None = None) -> Path:
-    """Write the PNG; ``slices`` is ``top`` (each plane's highest-contribution slice) or ``mid``."""
+SLICE_CHOICES = ("top", "mid")
+"""Which slice of each plane the figure shows; the first is the default (README, ``raptor explain --help``)."""
+
+
+def render_explanation(explanation: Explanation, path: str | Path, *, slices: str = SLICE_CHOICES[0],
+                       title: str | None = None) -> Path:
+    """Write the PNG; ``slices`` is ``top`` (each plane's highest-contributing non-constant slice) or ``mid``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -66,19 +71,22 @@ def render_explanation(explanation: Explanation, path: str | Path, *, slices: st
         if i == 0:
             ax.set_ylabel("contribution to the decision", fontsize=8)
         ax.tick_params(labelsize=7)
-    kind = "logit" if ex.task in ("binary", "multiclass", "multilabel") else "value"
-    score = f"p={ex.score:.3f}" if kind == "logit" else f"predicted {ex.score:.4g}"
-    fig.suptitle(
-        title
-        or f"{ex.probe_name}: {ex.output}  ({score}; {kind} {ex.decision:+.3f} = bias {ex.bias:+.3f} + slices {ex.total:+.3f})",
-        fontsize=10,
-    )
+    fig.suptitle(title or figure_title(ex), fontsize=10)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     with atomic_write(path) as handle:
         handle.write(buffer.getvalue())
     return Path(path)
+
+
+def figure_title(ex: Explanation) -> str:
+    """What is explained (volume id, label column, class), the score and its sum, the probe and the baseline."""
+    kind = "logit" if ex.task in ("binary", "multiclass", "multilabel") else "value"
+    score = f"p={ex.score:.3f}" if kind == "logit" else f"predicted {ex.score:.4g}"
+    reference = "an empty slice" if ex.baseline == "background" else "the training mean"
+    return (f"{ex.title}  ({score}; {kind} {ex.decision:+.3f} = bias {ex.bias:+.3f} + slices {ex.total:+.3f})\n"
+            f"probe {ex.probe_name}; contributions against {reference}")
 
 
 def curves_csv(explanation: Explanation) -> str:
@@ -91,4 +99,4 @@ def curves_csv(explanation: Explanation) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["render_explanation", "curves_csv"]
+__all__ = ["SLICE_CHOICES", "render_explanation", "figure_title", "curves_csv"]

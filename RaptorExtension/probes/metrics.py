@@ -105,13 +105,22 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray, targets: Sequence[str]) 
     return out
 
 
-def metrics_table(metrics: dict[str, dict], task: str) -> str:
-    """A plain-text table of per-split metrics, for the terminal."""
+def metrics_table(metrics: dict[str, dict], task: str, in_sample: Sequence[str] = ()) -> str:
+    """A plain-text table of per-split metrics, for the terminal.
+
+    ``in_sample``: the splits the probe was fitted on (train; train and val with
+    ``--select cv``), marked ``*`` and footnoted, since their numbers are not held out.
+    """
     keys = ("auc", "accuracy", "aupr") if task in CLASSIFICATION_TASKS else ("r2", "mae", "rmse")
     lines = [f"{'split':8s} {'n':>6s} " + " ".join(f"{k:>9s}" for k in keys)]
-    for split, values in metrics.items():
+    order = {"train": 0, "val": 1, "test": 2}  # a probe file stores them sorted by name
+    for split, values in sorted(metrics.items(), key=lambda item: order.get(item[0], 3)):
         cells = " ".join(f"{values.get(k):9.4f}" if values.get(k) is not None else f"{'-':>9s}" for k in keys)
-        lines.append(f"{split:8s} {values.get('n', 0):6d} {cells}")
+        name = f"{split}*" if split in in_sample else split
+        lines.append(f"{name:8s} {values.get('n', 0):6d} {cells}")
+    marked = [s for s in metrics if s in in_sample]
+    if marked:
+        lines.append(f"* in-sample: the probe was fitted on the {' and '.join(marked)} rows, so these are not held-out numbers")
     return "\n".join(lines)
 
 

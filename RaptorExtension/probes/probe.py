@@ -140,6 +140,12 @@ def load_embeddings(inputs: Iterable[str | Path]) -> EmbeddingSet:
     return EmbeddingSet(ids=ids, features=np.stack(rows).astype(np.float32), metadata=meta or {}, sources=sources)
 
 
+def _files_of(sources: Sequence[str]) -> str:
+    """The files embeddings came from (a CSV row's source is ``FILE#id``), for messages."""
+    files = list(dict.fromkeys(s.split("#", 1)[0] if "#" in s and not Path(s).exists() else s for s in sources))
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "") if files else "embeddings"
+
+
 @dataclass
 class Labels:
     """A labels CSV: ``id``, ``split`` in {train, val, test}, one or more label columns."""
@@ -371,7 +377,7 @@ class Probe:
             raise MetadataMismatch(f"{what}: has {n} features, probe {self.label()} expects {self.n_features}")
 
     def apply(self, embeddings: EmbeddingSet) -> "ProbeScores":
-        self.check_embedding(embeddings.metadata, embeddings.sources[0] if len(embeddings.sources) == 1 else "embeddings")
+        self.check_embedding(embeddings.metadata, _files_of(embeddings.sources))
         return ProbeScores(ids=list(embeddings.ids), names=self.classes, scores=self.scores(embeddings.features),
                            predicted=self.predict(embeddings.features), task=self.task)
 
@@ -667,6 +673,11 @@ def _selection_score(task: str, y: np.ndarray, scores: np.ndarray) -> float:
     return -float(np.mean((scores - y) ** 2 / np.maximum(np.var(y, axis=0), 1e-12)))
 
 
+def selection_metric(task: str) -> str:
+    """The name of what :func:`_selection_score` measures, for progress lines."""
+    return "AUC" if task in ("binary", "multiclass", "multilabel") else "-MSE/variance"
+
+
 def parse_grid(text: str) -> tuple[float, ...]:
     """A regularization grid from text such as "0.0001,0.001,0.01" (the CLI's and the Fit panel's form)."""
     try:
@@ -742,7 +753,8 @@ def _select(model: str, task: str, design: _Design, x_fit: np.ndarray, y_fit: np
                 fold_values.append(_selection_score(score_task, y_fit[test_idx], probe.scores(x_fit[test_idx])))
             value = float(np.mean(fold_values))
         scores[format(strength, "g")] = round(value, 6)
-        say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} score {value:.4f}")
+        say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} "
+            f"{selection_metric(score_task)} {value:.4f}")
     best = max(grid, key=lambda s: (scores[format(s, "g")], -abs(math.log10(s))))
     return best, scores
 
@@ -802,7 +814,8 @@ def fit_probe(
     design = _Design(x_fit)  # the rows the final model is fitted on (and, with select=val, the candidates)
     mean, scale = design.mean, design.scale
     parameter = "C" if model == "logistic" else "alpha"
-    selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter}
+    selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter,
+                       "metric": selection_metric("binary" if task == "multilabel" else task)}
     converged = True
     if task == "multilabel":
         weights, biases, chosen, per_label = [], [], {}, {}

@@ -291,6 +291,9 @@ def _prepare_explain(ctx: ServerContext, request: dict):
     if slices not in ("top", "mid"):
         raise InputError(f"{what}: 'slices' must be top or mid")
     batch_size = _field(request, "batch_size", int, what)
+    baseline = _field(request, "baseline", str, what, "background")
+    if baseline not in ("background", "mean"):
+        raise InputError(f"{what}: 'baseline' must be background or mean")
 
     def run(job: Job) -> None:
         from ..atomic import atomic_write_text
@@ -309,7 +312,7 @@ def _prepare_explain(ctx: ServerContext, request: dict):
                                    progress=lambda _id, done, total: job.progress(done, total))
         job.check_cancel()
         job.set_stage("writing results")
-        ex = explained.explain(output, device=embedder.encoder.device)
+        ex = explained.explain(output, device=embedder.encoder.device, baseline=baseline)
         save_explanation(ex, job.folder / "explanation.npz")
         write_volume_file(ex.heatmap, ex.input_ijk_to_ras, job.folder / "heatmap.nrrd", what="heatmap")
         atomic_write_text(job.folder / "curves.csv", curves_csv(ex))

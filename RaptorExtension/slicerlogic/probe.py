@@ -81,6 +81,8 @@ class ExplainJob:
     probe: Probe
     output_name: str | None
     remote: RemoteJob
+    baseline: str = "background"
+    """What contributions are measured against: an empty slice (background) or the training mean (mean)."""
     progress_callback: Callable[[int, int], None] | None = None
     completion_callback: Callable[["ExplainJob"], None] | None = None
     status: str = "running"
@@ -243,8 +245,12 @@ class ProbeLogic:
 
     # -- explanations ----------------------------------------------------------
     def explain(self, volumeNode, probe: Probe, outputName: str | None = None, *, waitForCompletion: bool = True,
-                progressCallback=None, completionCallback=None, model: str | None = None, device: str = "auto"):
+                progressCallback=None, completionCallback=None, model: str | None = None, device: str = "auto",
+                baseline: str = "background"):
         """Explain a probe on a volume node on the Raptor server; nodes are made by :meth:`poll`.
+
+        ``baseline``: contributions against an empty slice, so air and padding show 0 on the overlay
+        (``background``, the default), or against the average training volume (``mean``).
 
         With ``waitForCompletion`` this blocks and returns the :class:`ExplainJob`
         (its ``explanation`` and ``nodes`` filled in) or raises the error.
@@ -259,14 +265,18 @@ class ProbeLogic:
             raise RaptorError(f"probe {probe.label()} is an MLP; only linear probes can be explained exactly")
         volume = volume_from_node(volumeNode, id=node_label(volumeNode), source=node_label(volumeNode),
                                   modality=volumeNode.GetAttribute("DICOM.Modality"))
+        from ..probes.explanation import BASELINES
+
+        if baseline not in BASELINES:
+            raise RaptorError(f"unknown explanation baseline {baseline!r} (choose from {', '.join(BASELINES)})")
         request = {"kind": "explain", "volume_info": volume_info(volume), "output": outputName, "model": model,
-                   "device": device}
+                   "device": device, "baseline": baseline}
         uploads = [("volume", volume_sender(volume))]
         self._probe_input(probe, request, uploads)
         job = ExplainJob(node_id=volumeNode.GetID(), node_name=node_label(volumeNode), probe=probe, output_name=outputName,
                          remote=RemoteJob(self.compute, request, uploads=uploads, fetch=["explanation"],
                                           label=f"explanation of {node_label(volumeNode)}"),
-                         progress_callback=progressCallback, completion_callback=completionCallback)
+                         baseline=baseline, progress_callback=progressCallback, completion_callback=completionCallback)
         self.job = job
         if not waitForCompletion:
             return job

@@ -34,10 +34,47 @@ def _npz_keys(path: Path) -> list[str]:
         raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
+SELECTOR_RE = re.compile(r"(train|val|test)(?:_(\d+)|\[(\d*):(\d*)\])?")
+SELECTOR_HELP = "test, test_17 or test[0:100]"
+
+
+def select_medmnist(path: Path, selector: str | None, counts: dict[str, int]) -> list[tuple[str, list[int]]]:
+    """The (split, indices) a selector picks from splits of ``counts`` volumes.
+
+    ``test`` is a split, ``test_17`` one volume, ``test[0:100]`` a range (Python's
+    slice rules: the end is excluded, either side may be left out, a range past
+    the end stops at it).  None: every split.
+    """
+    if not selector:
+        return [(split, list(range(n))) for split, n in counts.items()]
+    m = SELECTOR_RE.fullmatch(selector)
+    if not m or m.group(1) not in counts:
+        raise InputError(f"{path}: no volume '{selector}' (use e.g. {SELECTOR_HELP}; splits: {', '.join(counts)})")
+    split, count = m.group(1), counts[m.group(1)]
+    if m.group(2) is not None:
+        index = int(m.group(2))
+        if index >= count:
+            raise InputError(f"{path}: split {split} has {count} volumes, no index {index}")
+        return [(split, [index])]
+    if m.group(3) is not None:
+        start = int(m.group(3)) if m.group(3) else 0
+        stop = int(m.group(4)) if m.group(4) else count
+        indices = list(range(count))[start:stop]
+        if not indices:
+            raise InputError(f"{path}: {selector} selects no volume (split {split} has {count})")
+        return [(split, indices)]
+    return [(split, list(range(count)))]
+
+
+def _split_counts(path: Path, splits: list[str], suffix: str = "images") -> dict[str, int]:
+    with np.load(path, allow_pickle=False) as data:
+        return {split: int(data[f"{split}_{suffix}"].shape[0]) for split in splits}
+
+
 def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
     """Volumes of a MedMNIST-style .npz, with ids like ``test_17``.
 
-    ``selector`` picks a split (``test``) or one volume (``test_17``).
+    ``selector`` picks a split (``test``), one volume (``test_17``) or a range (``test[0:100]``).
     """
     keys = _npz_keys(path)
     if "embedding" in keys and "metadata" in keys:
@@ -47,29 +84,48 @@ def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
         if len(keys) == 1:
             return [_plain_npz_ref(path, keys[0])]
         raise InputError(f"{path}: .npz has no {{train,val,test}}_images arrays (keys: {', '.join(keys)})")
-    wanted_split, wanted_index = None, None
-    if selector:
-        m = re.fullmatch(r"(train|val|test)(?:_(\d+))?", selector)
-        if not m or m.group(1) not in splits:
-            raise InputError(f"{path}: no volume '{selector}' (use e.g. test or test_17)")
-        wanted_split, wanted_index = m.group(1), (int(m.group(2)) if m.group(2) else None)
     mtime = path.stat().st_mtime
     refs: list[VolumeRef] = []
-    for split in splits:
-        if wanted_split and split != wanted_split:
-            continue
-        with np.load(path, allow_pickle=False) as data:
-            count = int(data[f"{split}_images"].shape[0])
-        indices = range(count)
-        if wanted_index is not None:
-            if wanted_index >= count:
-                raise InputError(f"{path}: split {split} has {count} volumes, no index {wanted_index}")
-            indices = [wanted_index]
+    for split, indices in select_medmnist(path, selector, _split_counts(path, splits)):
         for i in indices:
             vid = f"{split}_{i}"
             load = functools.partial(_load_medmnist_volume, str(path), split, i, mtime)
             refs.append(VolumeRef(id=vid, source=f"{path}#{vid}", loader=load))
     return refs
+
+
+def medmnist_labels(path: Path, selector: str | None = None, column: str = "label") -> tuple[list[str], list[list[str]]]:
+    """The labels of a MedMNIST-style .npz as the rows of a labels CSV: ``id, split, <column>`` (or
+    ``<column>_0 ... <column>_N`` for several labels per volume), with the ids ``raptor embed`` gives the volumes.
+    """
+    keys = _npz_keys(path)
+    splits = [s for s in MEDMNIST_SPLITS if f"{s}_labels" in keys]
+    if not splits:
+        raise InputError(f"{path}: .npz has no {{train,val,test}}_labels arrays (keys: {', '.join(keys)})")
+    counts = _split_counts(path, splits, "labels")
+    rows: list[list[str]] = []
+    width = None
+    with np.load(path, allow_pickle=False) as data:
+        for split, indices in select_medmnist(path, selector, counts):
+            labels = np.asarray(data[f"{split}_labels"])
+            if labels.dtype.kind not in "biuf":
+                raise InputError(f"{path}: {split}_labels holds {labels.dtype} values, not numbers")
+            labels = labels.reshape(len(labels), -1)
+            if width is None:
+                width = labels.shape[1]
+            elif labels.shape[1] != width:
+                raise InputError(f"{path}: {split}_labels has {labels.shape[1]} labels per volume, another split {width}")
+            if labels.shape[0] != counts[split]:  # pragma: no cover - counts were read from the same array
+                raise InputError(f"{path}: {split}_labels changed while reading")
+            for i in indices:
+                rows.append([f"{split}_{i}", split, *(_label_text(v) for v in labels[i])])
+    names = [column] if width == 1 else [f"{column}_{j}" for j in range(width or 0)]
+    return ["id", "split", *names], rows
+
+
+def _label_text(value) -> str:
+    value = value.item()
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _load_medmnist_volume(path: str, split: str, i: int, mtime: float) -> Volume:

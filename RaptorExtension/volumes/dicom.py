@@ -213,5 +213,39 @@ def dicom_folder_series(folder: Path) -> DicomSeries:
     return series[0]
 
 
-def load_dicom_folder(folder: Path) -> Volume:
-    return read_dicom_series(dicom_folder_series(folder), str(folder), id=volume_id_from_path(folder))
+def series_id(series_uid: str, folder: Path) -> str:
+    """The id of a DICOM series everywhere in Raptor (``raptor embed``, ``raptor batch``, Slicer's batch).
+
+    Its SeriesInstanceUID, so rows made by different commands join; a series
+    without one is named after the folder holding it.
+    """
+    return series_uid or volume_id_from_path(folder)
+
+
+def dicom_folder_uid(folder: Path) -> str:
+    """The SeriesInstanceUID of the first image file of a folder (headers only), or ''.
+
+    Cheap enough to list thousands of folders: it stops at the first DICOM
+    image; a folder holding several series is refused when it is loaded.
+    """
+    import pydicom
+
+    try:
+        names = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        return ""
+    for path in names:
+        if not (path.suffix.lower() == ".dcm" or is_dicom_file(path)):
+            continue
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:  # pydicom raises many types; the load says what is wrong
+            continue
+        if "Rows" in ds and "Columns" in ds:
+            return str(ds.get("SeriesInstanceUID", ""))
+    return ""
+
+
+def load_dicom_folder(folder: Path, id: str | None = None) -> Volume:
+    series = dicom_folder_series(folder)
+    return read_dicom_series(series, str(folder), id=id or series_id(series.uid, folder))

@@ -63,6 +63,28 @@ def resolve_preset(name: str, modality: str | None, ct_window: tuple[float, floa
     return IntensityPreset(name)
 
 
+CT_LIKE_MINIMUM = (-3100.0, -900.0)
+"""A minimum in this range (air at -1000 to -1024 HU, or the -2048/-3024 some scanners put outside the field of view) ..."""
+CT_LIKE_MAXIMUM = 1000.0
+"""... with a maximum above this (bone, contrast) is almost surely a CT in Hounsfield units."""
+
+
+def ct_hint(name: str, modality: str | None, low: float, high: float, source: str) -> str | None:
+    """A one-line hint when ``auto`` gives ``minmax`` to a volume whose values look like CT in HU, else None.
+
+    Decision: the preset is never switched from the values.  Embeddings with
+    different presets cannot be mixed, and a cohort of NIfTI files would get
+    ``ct`` or ``minmax`` file by file (a CT cropped to soft tissue has no air);
+    so ``auto`` stays predictable and the user is told what to pass.
+    """
+    if (name or "auto").lower() != "auto" or (modality or "").strip():
+        return None
+    if not (CT_LIKE_MINIMUM[0] <= low <= CT_LIKE_MINIMUM[1] and high > CT_LIKE_MAXIMUM):
+        return None
+    return (f"hint: {source}: its values ({low:g} to {high:g}) look like CT in Hounsfield units, but the file names no "
+            "modality, so --preset auto used minmax; pass --preset ct for the CT window (presets do not mix in one table)")
+
+
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """Linear-interpolated quantile of any size (``torch.quantile`` caps at 16M elements)."""
     flat = values.reshape(-1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .arrays import medmnist_refs, read_npy
-from .dicom import is_dicom_file, load_dicom_folder
+from .dicom import dicom_folder_uid, is_dicom_file, load_dicom_folder, series_id
 from .headers import check_declared_shape
 from .slicer_io import read_with_storage_node
 from .volume import SLICER_VOLUME_SUFFIXES, Volume, VolumeRef, volume_id_from_path
@@ -44,7 +44,7 @@ def expand_input(spec: str) -> list[VolumeRef]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(load_dicom_folder, path))]
+        return [_dicom_folder_ref(path)]
     name = path.name.lower()
     if name.endswith(".npz"):
         return medmnist_refs(path, selector)
@@ -53,11 +53,16 @@ def expand_input(spec: str) -> list[VolumeRef]:
     if name.endswith(SLICER_VOLUME_SUFFIXES):
         return [VolumeRef(id=volume_id_from_path(path), source=str(path), loader=functools.partial(read_slicer_file, path))]
     if name.endswith(".dcm") or is_dicom_file(path):
-        folder = path.parent
-        return [VolumeRef(id=volume_id_from_path(folder), source=str(folder), loader=functools.partial(load_dicom_folder, folder))]
+        return [_dicom_folder_ref(path.parent)]
     raise InputError(
         f"{path}: unsupported file type (use NRRD, NIfTI, MetaImage, a DICOM series folder, .npz or .npy)"
     )
+
+
+def _dicom_folder_ref(folder: Path) -> VolumeRef:
+    """A DICOM series folder, named by its SeriesInstanceUID as ``raptor batch`` names it (:func:`.dicom.series_id`)."""
+    vid = series_id(dicom_folder_uid(folder), folder)
+    return VolumeRef(id=vid, source=str(folder), loader=functools.partial(load_dicom_folder, folder, vid))
 
 
 def read_volume(spec: str) -> Volume:

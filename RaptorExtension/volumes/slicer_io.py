@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import temp_file_beside
 from ..errors import InputError
 from .volume import Volume
 
 
 @contextlib.contextmanager
 def quiet_vtk() -> Iterator[None]:
-    """Silence VTK's logger while reading: failures become our own one-line errors."""
+    """Silence VTK's logger while reading or writing: failures become our own one-line errors."""
     import vtk
 
     cutoff = vtk.vtkLogger.GetCurrentVerbosityCutoff()
@@ -133,12 +133,17 @@ def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Pat
     fill_volume_node(node, array, ijk_to_ras)
     storage = node.CreateDefaultStorageNode()
     scene.AddNode(storage)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = temp_file_beside(path, suffix=f".tmp{suffix}")
     os.close(fd)
+    # Only the unique name is needed: the writer makes the file (with the user's umask mode), and
+    # finding one there it would print an "Info: ... removing old version of file" line.
+    os.unlink(tmp)
     try:
         storage.SetFileName(tmp)
         storage.SetUseCompression(1)
-        if not storage.WriteData(node):
+        with quiet_vtk():
+            written = storage.WriteData(node)
+        if not written:
             raise InputError(f"{path}: Slicer could not write the {what}")
         os.replace(tmp, path)
     finally:
