@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_embedding_options, non_negative_int, settings_from_args
+from ..outputs import TableLocks, check_outputs, output_path
+from .options import add_embedding_options, input_files, non_negative_int, settings_from_args
 
 
 def add_embed_parser(sub) -> None:
@@ -30,6 +31,19 @@ def add_embed_parser(sub) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    args.csv = str(output_path(args.csv)) if args.csv else None
+    out_dir = Path(args.out_dir) if args.out_dir else (None if args.csv else Path("raptor_embeddings"))
+    errors_path = Path(args.errors) if args.errors else (
+        (out_dir / "raptor_errors.csv") if out_dir else Path(args.csv).with_name(Path(args.csv).stem + "_errors.csv")
+    )
+    outputs = [("--csv", args.csv), ("the errors file" if not args.errors else "--errors", errors_path)]
+    inputs = [entry for spec in args.inputs for entry in input_files(spec)]
+    check_outputs(outputs, inputs, folders=[("--out-dir", out_dir)])
+    with TableLocks([("table", args.csv)]):
+        return _run_embed(args, out_dir, errors_path, outputs, inputs)
+
+
+def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path, outputs, inputs) -> int:
     from ..cohort.errorlog import ErrorLog
     from ..embeddings.stream import TableAppender
     from ..encoding.model import model_summary
@@ -38,10 +52,6 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..volumes.readers import expand_input
     from .progress import Progress
 
-    out_dir = Path(args.out_dir) if args.out_dir else (None if args.csv else Path("raptor_embeddings"))
-    errors_path = Path(args.errors) if args.errors else (
-        (out_dir / "raptor_errors.csv") if out_dir else Path(args.csv).with_name(Path(args.csv).stem + "_errors.csv")
-    )
     errors = ErrorLog(errors_path)
     refs = []
     for spec in args.inputs:
@@ -56,12 +66,21 @@ def run_embed(args: argparse.Namespace) -> int:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
+    if out_dir is not None:
+        check_outputs(outputs + [(f"the embedding of {r.id}", out_dir / f"{r.id}.npz") for r in refs], inputs)
+    table = TableAppender(args.csv) if args.csv else None
+    if table is not None and not args.skip_existing:
+        present = [i for i in ids if i in table.ids]
+        if present:
+            raise RaptorError(
+                f"{args.csv}: already holds rows for {len(present)} of these volumes (e.g. {present[0]!r}); "
+                "pass --skip-existing to embed only the others, or write to another --csv"
+            )
 
     settings = settings_from_args(args)
     print(f"raptor: loading model {settings.model}", file=sys.stderr)
     embedder = Embedder(settings)
     print(f"raptor: {model_summary(embedder.encoder)}", file=sys.stderr)
-    table = TableAppender(args.csv) if args.csv else None
 
     todo = []
     skipped = 0

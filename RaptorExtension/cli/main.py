@@ -49,6 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except RaptorError as exc:
         print(f"raptor: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `raptor probe apply ... | head`: the reader left, nothing to say
+        return 1
+    except OSError as exc:  # a read or write no command wrapped: still one line, naming the file
+        print(f"raptor: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("raptor: error: out of memory (a smaller --grid or --batch-size, or fewer --readers, needs less)",
+              file=sys.stderr)
+        return 1
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<path>: <reason>`` for an error from the operating system."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename2 if exc.filename2 is not None else exc.filename
+    return f"{where}: {reason}" if where is not None else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+
+
+def input_files(spec: str, what: str = "an input") -> list[tuple[str, Path]]:
+    """The files an input names, for the output checks: ``file.npz#test_3`` -> ``file.npz``; a folder -> it and its files."""
+    path = Path(spec.split("#", 1)[0] if "#" in spec and not Path(spec).exists() else spec)
+    found = [(what, path)]
+    if path.is_dir():
+        try:
+            found += [(f"a file of {what} {path}", child) for child in path.iterdir() if child.is_file()]
+        except OSError:
+            pass
+    return found
 
 
 def non_negative_int(text: str) -> int:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
+from ..outputs import check_outputs
+from .options import input_files
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -117,6 +119,15 @@ def run_fit(args: argparse.Namespace) -> int:
     )
 
     output = Path(args.output)
+    report = Path(args.report) if args.report else Path(f"{_stem(output)}_metrics.json")
+    if args.plot:
+        plot = Path(args.plot)
+    else:  # the task (classification or regression) names the default plot; both names are kept free
+        plot = None
+    default_plots = [Path(f"{_stem(output)}_roc.png"), Path(f"{_stem(output)}_pred.png")] if plot is None else [plot]
+    check_outputs([("-o/--output", output), ("--report" if args.report else "the metrics report", report)]
+                  + [("--plot" if args.plot else "the plot", p) for p in default_plots],
+                  input_files(args.embeddings, "the embeddings") + input_files(args.labels, "the labels"))
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     embeddings = load_embeddings([args.embeddings])
     labels = read_labels(args.labels, args.label_column)
@@ -129,16 +140,15 @@ def run_fit(args: argparse.Namespace) -> int:
     probe = result.probe
     probe.name = output.name.removesuffix(".raptorprobe")
     probe.save(output)
-    report = Path(args.report) if args.report else Path(f"{_stem(output)}_metrics.json")
     atomic_write_text(report, json.dumps({"task": probe.task, "model": probe.model, "classes": probe.classes,
                                           "selection": probe.training.get("selection"), "metrics": probe.metrics,
                                           "warnings": result.warnings},
                                          indent=2, sort_keys=True) + "\n")
     if probe.task in CLASSIFICATION_TASKS:
-        plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_roc.png")
+        plot = plot or default_plots[0]
         plot_roc(plot, probe.task, result.predictions, probe.classes)
     else:
-        plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_pred.png")
+        plot = plot or default_plots[1]
         plot_pred_vs_true(plot, result.predictions, probe.classes)
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
@@ -154,6 +164,8 @@ def run_apply(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..probes.probe import Probe, load_embeddings
 
+    check_outputs([("-o/--output", args.output)], input_files(args.probe, "the probe")
+                  + [entry for spec in args.embeddings for entry in input_files(spec, "the embeddings")])
     probe = Probe.load(args.probe)
     embeddings = load_embeddings(args.embeddings)
     scores = probe.apply(embeddings)
@@ -198,6 +210,8 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..probes.probe import Probe
     from ..volumes.readers import read_volume
 
+    check_outputs([("-o/--output", args.output), ("--heatmap", args.heatmap), ("--curves", args.curves)],
+                  input_files(args.probe, "the probe") + input_files(args.volume, "the volume"))
     probe = Probe.load(args.probe)
     if not probe.is_linear:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")

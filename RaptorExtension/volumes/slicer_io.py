@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..atomic import temporary_beside
+from ..errors import InputError, OutputError, write_failure
 from .volume import Volume
 
 
@@ -127,20 +127,24 @@ def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Pat
     suffix = next((s for s in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd") if name.endswith(s)), None)
     if suffix is None:
         raise InputError(f"{path}: a {what} must be written as .nrrd, .nii.gz, .nii or .mha")
-    path.parent.mkdir(parents=True, exist_ok=True)
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", what)
     fill_volume_node(node, array, ijk_to_ras)
     storage = node.CreateDefaultStorageNode()
     scene.AddNode(storage)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = temporary_beside(path, suffix=f".tmp{suffix}")
     os.close(fd)
     try:
         storage.SetFileName(tmp)
         storage.SetUseCompression(1)
-        if not storage.WriteData(node):
-            raise InputError(f"{path}: Slicer could not write the {what}")
-        os.replace(tmp, path)
+        with quiet_vtk():
+            written = storage.WriteData(node)
+        if not written:
+            raise OutputError(f"{path}: Slicer could not write the {what} (a full disk or a read-only folder?)")
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_failure(path, exc) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
