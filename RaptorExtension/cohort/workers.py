@@ -37,7 +37,9 @@ def _worker_main(config: _WorkerConfig, work, results, cancel) -> None:
     """Runs in a worker process: embed what the queue hands out, append to this worker's part."""
     try:
         from ..encoding.pipeline import Embedder
+        from ..volumes.prefetch import die_with_parent
 
+        die_with_parent()  # a killed job takes its device workers (and their loaders) with it
         embedder = Embedder(config.settings)
         expected, n_features = expected_settings(embedder, config.preset)
         if config.expected is not None:
