@@ -98,12 +98,12 @@ def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path
         for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices, readers=args.readers,
                                                          loader=loader):
             if error is not None:
+                if not args.continue_on_error:  # stop at the first failure: one error line, like any bad input
+                    raise RaptorError(_done_before(error, done, out_dir, args.csv))
                 failed += 1
                 errors.add(ref.id, ref.source, error)
                 progress.write(f"raptor: failed: {error}")
                 progress.volume_done()
-                if not args.continue_on_error:
-                    break
                 continue
             if out_dir is not None:
                 embedding.save(out_dir / f"{ref.id}.npz")
@@ -118,6 +118,14 @@ def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path
     if failed or errors.count:
         print(f"raptor: errors logged to {errors.path}", file=sys.stderr)
     return 1 if (failed or errors.count) else 0
+
+
+def _done_before(error: str, done: int, out_dir: Path | None, csv: str | None) -> str:
+    """The error of the volume that stopped the run, and what was kept."""
+    if not done:
+        return error
+    where = " and ".join(str(p) for p in (out_dir, csv) if p)
+    return f"{error} (the {done} volume(s) embedded before it are kept in {where}; --continue-on-error goes past failures)"
 
 
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:

@@ -114,8 +114,8 @@ def first_feature_column(header: Sequence[str], path: Path | str) -> int:
     raise InputError(f"{path}: no feature columns e0..eN")
 
 
-def _row_settings(prefix: dict[str, str]) -> dict:
-    settings = {k: parse_setting(k, prefix.get(k, "")) for k in SETTINGS_KEYS}
+def _row_settings(prefix: dict[str, str], where: str = "the table") -> dict:
+    settings = {k: parse_setting(k, prefix.get(k, ""), where) for k in SETTINGS_KEYS}
     settings["encoder"] = prefix.get("encoder", "")
     return settings
 
@@ -193,7 +193,7 @@ def index_table(path: str | Path, *, allow_torn_tail: bool = False, keep: Sequen
             raise InputError(f"{path}: id {row_id!r} appears more than once (line {line_no})")
         seen.add(row_id)
         if has_settings:
-            settings = _row_settings(values)
+            settings = _row_settings(values, f"{path}: line {line_no}")
             if index.settings is None:
                 index.settings = settings
             else:

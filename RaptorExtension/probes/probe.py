@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embeddings.embedding import Embedding
+from ..embeddings.embedding import METADATA_SCHEMA, Embedding
 from ..embeddings.settings import SETTINGS_KEYS, describe_differences
 from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
+from ..fields import BOOL, DICT, EITHER, INT, LIST, NULLABLE, NUMBER, ONE_OF, SCHEMA, STR, check_fields
 from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
 from .probe_file import PROBE_SUFFIX, read_probe_file, write_probe_file
 
@@ -409,12 +410,44 @@ class Probe:
         return _probe_from_file(path, meta, arrays)
 
 
+def _any_number(value) -> str | None:  # selection scores may be -inf or NaN for a degenerate candidate
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+
+
+_METRICS = SCHEMA({**{k: NULLABLE(NUMBER) for k in ("auc", "accuracy", "aupr", "exact_match", "r2", "mae", "rmse")},
+                   "n": INT(0), "classes_in_auc": INT(0), "labels_in_auc": INT(0),
+                   "per_target": DICT(SCHEMA({k: NULLABLE(NUMBER) for k in ("r2", "mae", "rmse")}))},
+                  required=("n",))
+_SELECTION = SCHEMA({
+    "method": ONE_OF("val", "cv"), "parameter": ONE_OF("C", "alpha"), "grid": LIST(NUMBER),
+    "chosen": EITHER(NUMBER, DICT(NUMBER), problem="must be a number, or one number per label"),
+    "scores": DICT(EITHER(_any_number, DICT(_any_number), problem="must be numbers")),
+})
+PROBE_SCHEMA = {
+    "name": STR,
+    "task": ONE_OF(*TASKS),
+    "model": ONE_OF(*MODELS),
+    "classes": LIST(STR, min_len=1),
+    "label_columns": LIST(STR),
+    "embedding": SCHEMA({k: NULLABLE(METADATA_SCHEMA[k]) for k in EMBEDDING_KEYS}, required=SETTINGS_KEYS),
+    "metrics": DICT(_METRICS),
+    "training": SCHEMA({
+        "selection": _SELECTION, "fitted_on": LIST(STR), "rows": DICT(INT(0)), "labels_file": STR, "seed": INT(),
+        "max_iter": INT(), "converged": BOOL, "standardization": STR, "hidden_layers": LIST(INT(1)),
+        "positive_class": STR, "scikit_learn": STR, "seconds": NUMBER, "created": STR, "warnings": LIST(STR),
+    }),
+    "mlp_layers": INT(0, 3),
+}
+"""The type of every ``probe.json`` field a probe uses; checked before any of them is used."""
+
+
 def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> Probe:
     """Rebuild a probe and check that its parts fit together."""
 
     def bad(reason: str) -> InputError:
         return InputError(f"{path}: invalid probe ({reason})")
 
+    check_fields(meta, PROBE_SCHEMA, str(path), required=("task", "model", "classes", "embedding"), what="probe.json")
     task, model = meta.get("task"), meta.get("model")
     if task not in TASKS:
         raise bad(f"unknown task {task!r}")
