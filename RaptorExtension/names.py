@@ -5,6 +5,8 @@ first use), so the lists they offer live here rather than in ``model.py`` or
 ``intensity.py``, which import torch.  One list, used by both.
 """
 
+import re
+
 DEFAULT_MODEL = "facebook/dinov2-large"
 
 KNOWN_MODELS = {
@@ -23,3 +25,13 @@ PRESETS = ("auto", "ct", "mri", "minmax", "uint8")
 
 PLANES = ("axial", "coronal", "sagittal")
 """The three planes, in embedding order: slices along cube axes 0, 1, 2 (see :mod:`.resample`)."""
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+"""Devices Raptor runs on: ``auto`` (the first CUDA GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` is not a device Raptor can use, or None (no torch needed to tell)."""
+    if isinstance(device, str) and DEVICE_PATTERN.fullmatch(device.strip()):
+        return None
+    return f"device {device!r} is not one of auto, cpu, cuda, cuda:N (a GPU index) or mps"

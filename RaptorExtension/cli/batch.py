@@ -18,6 +18,7 @@ import sys
 import time
 
 from ..errors import RaptorError
+from ..names import device_problem
 
 
 def default_readers() -> int:
@@ -82,7 +83,11 @@ def _devices(spec: str) -> list[str] | None:
     for part in (s.strip() for s in spec.split(",")):
         if not part:
             continue
-        devices.append(f"cuda:{part}" if part.isdigit() else part)
+        name = f"cuda:{part}" if part.isdigit() else part
+        problem = device_problem(name)
+        if problem or name == "auto":
+            raise RaptorError(f"--gpus {spec!r}: {problem or 'auto stands alone'}")
+        devices.append(name)
     if not devices:
         raise RaptorError(f"--gpus {spec!r} names no device")
     return devices

@@ -21,8 +21,17 @@ from . import batch, models, probe
 from .embed import add_embed_parser, add_info_parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Option errors are one ``raptor: error:`` line too, like every other error (exit status 2, as argparse's)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("raptor").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"raptor: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="raptor",
         description="Raptor: train-free 3D embeddings of CT/MR volumes with a frozen 2D foundation model.",
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import RaptorError
 from ..outputs import check_outputs
-from .options import input_files
+from .options import device, input_files, non_negative_int, positive_int
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -52,13 +52,13 @@ def add_parser(sub) -> None:
     fit.add_argument("--label-column", action="append", default=None, help="use only this label column (repeatable)")
     fit.add_argument("--select", default="val", choices=("val", "cv"),
                      help="choose C on the val split (paper, default) or by stratified k-fold CV on train+val")
-    fit.add_argument("--folds", type=int, default=5, help="folds for --select cv (default 5)")
+    fit.add_argument("--folds", type=positive_int, default=5, help="folds for --select cv (default 5)")
     fit.add_argument("--c-grid", type=_floats, default=None, help="C values for logistic regression (default 0.01,0.1,1,10,100)")
     fit.add_argument("--alpha-grid", type=_floats, default=None, help="penalties for ridge/mlp")
     fit.add_argument("--hidden", type=_ints, default=(256,), help="MLP hidden widths, one or two layers (default 256)")
     fit.add_argument("--positive", default=None, help="positive class of a binary task (default: the second sorted)")
-    fit.add_argument("--seed", type=int, default=0, help="seed for CV folds and the MLP (default 0)")
-    fit.add_argument("--max-iter", type=int, default=3000, help="solver iterations (default 3000)")
+    fit.add_argument("--seed", type=non_negative_int, default=0, help="seed for CV folds and the MLP (default 0)")
+    fit.add_argument("--max-iter", type=positive_int, default=3000, help="solver iterations (default 3000)")
     fit.add_argument("--report", default=None, help="metrics JSON (default OUTPUT stem + _metrics.json)")
     fit.add_argument("--plot", default=None, help="ROC / predicted-vs-true PNG (default OUTPUT stem + _roc.png or _pred.png)")
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the metrics table")
@@ -88,8 +88,8 @@ def add_parser(sub) -> None:
                          help="show each plane's highest-contribution slice (default) or the middle one")
     explain.add_argument("--heatmap", default=None, help="also write the heatmap in the input's geometry (.nrrd or .nii.gz)")
     explain.add_argument("--curves", default=None, help="also write the slice curves as CSV")
-    explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    explain.add_argument("--device", default="auto", type=device, help="auto, cuda, cuda:N or cpu")
+    explain.add_argument("--batch-size", type=positive_int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
     explain.set_defaults(func=run_explain)
 

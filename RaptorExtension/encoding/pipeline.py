@@ -20,7 +20,8 @@ import torch
 from ..embeddings.embedding import Embedding, build_metadata
 from ..embeddings.settings import settings_hash
 from ..errors import RaptorError
-from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
+from ..names import device_problem
+from ..volumes.intensity import IntensityPreset, normalize, resolve_preset, window_problem
 from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
 from ..volumes.volume import Volume, VolumeRef, torch_ready, validate_volume
@@ -60,6 +61,11 @@ class EmbedSettings:
         if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
             raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
         self.planes = tuple(self.planes)
+        problem = device_problem(str(self.device))
+        if problem:
+            raise RaptorError(problem)
+        if self.ct_window is not None and (problem := window_problem(self.ct_window)):
+            raise RaptorError(problem)
 
 
 ProgressCallback = Callable[[str, int, int], None]

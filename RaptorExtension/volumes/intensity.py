@@ -19,6 +19,7 @@ Presets
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,27 @@ def resolve_preset(name: str, modality: str | None, ct_window: tuple[float, floa
         name = "ct" if mod == "CT" else "mri" if mod in ("MR", "MRI") else "minmax"
     if name == "ct":
         window = tuple(float(v) for v in (ct_window or DEFAULT_CT_WINDOW))
-        if not window[0] < window[1]:
-            raise RaptorError(f"CT window {window} must have low < high")
+        problem = window_problem(window)
+        if problem:
+            raise RaptorError(problem)
         return IntensityPreset("ct", window)  # type: ignore[arg-type]
     return IntensityPreset(name)
+
+
+def window_problem(window) -> str | None:
+    """Why ``(low, high)`` is not a usable CT window (non-finite, empty, reversed, too narrow), or None."""
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        return f"CT window {window!r} must be two numbers LOW,HIGH"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"CT window {lo:g},{hi:g} must be finite numbers of HU"
+    if not hi - lo >= MIN_WINDOW_WIDTH:
+        return f"CT window {lo:g},{hi:g} must have LOW below HIGH by at least {MIN_WINDOW_WIDTH:g} HU"
+    return None
+
+
+MIN_WINDOW_WIDTH = 1e-3
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -90,5 +108,8 @@ def normalize(volume: torch.Tensor, preset: IntensityPreset) -> torch.Tensor:
         raise RaptorError(f"unknown intensity preset '{preset.name}'")
     if hi <= lo:  # e.g. an MR volume whose 0.5-99.5 percentiles coincide
         lo, hi = float(volume.min()), float(volume.max())
+    if not (math.isfinite(hi - lo) and math.isfinite(1.0 / (hi - lo) if hi > lo else 1.0)):
+        raise RaptorError(f"the intensity range {lo:g} to {hi:g} ({preset.describe()}) cannot be mapped to [0, 1] "
+                          "in float32; rescale the volume")
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     return ((volume - lo) * scale).clamp_(0.0, 1.0)
