@@ -76,6 +76,19 @@ class _Seen:
             self.by_identity.setdefault(identity, (what, path))
 
 
+def _kind(path: Path) -> str | None:
+    """``file``, ``folder`` or None (absent); a name the system refuses (too long) is a write failure now."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+    import stat
+
+    return "folder" if stat.S_ISDIR(st.st_mode) else "file"
+
+
 def check_outputs(outputs: Iterable[Named], inputs: Iterable[Named] = (), *, folders: Iterable[Named] = ()) -> None:
     """Refuse outputs that would overwrite each other or an input, before anything is read or written.
 
@@ -84,7 +97,7 @@ def check_outputs(outputs: Iterable[Named], inputs: Iterable[Named] = (), *, fol
     them), ``folders`` output folders.
     """
     for what, folder in folders:
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        if folder is not None and _kind(Path(folder)) == "file":
             raise OutputError(f"{folder}: is a file, but {what} must be a folder")
     protected = _Seen()
     for what, path in inputs:
@@ -96,7 +109,7 @@ def check_outputs(outputs: Iterable[Named], inputs: Iterable[Named] = (), *, fol
         if path is None or str(path) == "":
             continue
         path = Path(path)
-        if path.is_dir():
+        if _kind(path) == "folder":
             raise OutputError(f"{path}: is a folder, but {what} must name a file")
         hit = written.find(path)
         if hit is not None:
@@ -152,6 +165,12 @@ class TableLock:
         self._fd: int | None = None
 
     def acquire(self) -> "TableLock":
+        missing = []
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        self._made = missing  # removed again at release when the run left them empty
         for _ in range(20):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +185,7 @@ class TableLock:
             if not locked:
                 holder = _read_holder(fd)
                 os.close(fd)
+                self._remove_made_folders()
                 raise RaptorError(
                     f"{self.table}: another raptor run is writing this {self.what} ({holder}); "
                     "wait for it to finish, or write to another file"
@@ -196,6 +216,15 @@ class TableLock:
             os.unlink(self.path)  # before unlocking: a waiter that opened the old file sees it is gone
         _unlock(fd)
         os.close(fd)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        for folder in getattr(self, "_made", []):
+            try:
+                folder.rmdir()  # only when empty: a run that wrote its table keeps the folder
+            except OSError:
+                break
+        self._made = []
 
     @property
     def held(self) -> bool:

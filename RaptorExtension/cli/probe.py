@@ -183,11 +183,11 @@ def run_info(args: argparse.Namespace) -> int:
     from ..probes.probe import Probe
     from ..probes.probe_file import read_probe_file
 
+    probe = Probe.load(args.probe)  # checks every field, also for --json
     if args.json:
         meta, _ = read_probe_file(args.probe)
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0
-    probe = Probe.load(args.probe)
     e = probe.embedding
     selection = probe.training.get("selection", {})
     print(args.probe)

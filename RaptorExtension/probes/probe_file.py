@@ -126,7 +126,7 @@ def read_probe_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
             raise InputError(f"{path}: not a Raptor probe (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         version = meta.get("format_version")
         if not is_int(version):
-            raise InputError(f"{path}: probe has no valid format_version")
+            raise InputError(f"{path}: {METADATA_MEMBER} field 'format_version' must be a whole number (found {version!r})")
         if version > PROBE_FORMAT_VERSION:
             raise InputError(f"{path}: written by a newer Raptor (probe format {version}); upgrade to read it")
         check_fields(meta, FILE_SCHEMA, str(path), required=("content_sha256", "arrays"), what=METADATA_MEMBER)

@@ -72,7 +72,7 @@ def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | Volume | RaptorErro
     return _Handoff(path, volume)
 
 
-def die_with_parent(cleanup: str | None = None) -> None:
+def die_with_parent(cleanup: str | None = None, parent: int | None = None) -> None:
     """Make this (child) process end when its parent does, removing ``cleanup`` (its hand-off folder) first.
 
     Why: a ``kill -9`` of ``raptor batch`` left its loader processes (each
@@ -87,7 +87,8 @@ def die_with_parent(cleanup: str | None = None) -> None:
     import signal
     import threading
 
-    parent = os.getppid()
+    if parent is None:
+        parent = os.getppid()
 
     def parent_gone() -> bool:
         if os.getppid() != parent:
@@ -116,7 +117,7 @@ def die_with_parent(cleanup: str | None = None) -> None:
             libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
         except (OSError, AttributeError, ValueError):  # no prctl: the watcher below still works
             pass
-    if parent == 1 or parent_gone():  # the parent died before the guard was set
+    if parent_gone():  # the parent died while this process was starting, before the guard was set
         leave(0.0)
 
     def watch() -> None:
@@ -128,8 +129,8 @@ def die_with_parent(cleanup: str | None = None) -> None:
     threading.Thread(target=watch, name="raptor-parent-watch", daemon=True).start()
 
 
-def _loader_init(folder: str) -> None:
-    die_with_parent(folder)
+def _loader_init(folder: str, parent: int) -> None:
+    die_with_parent(folder, parent)
 
 
 def _receive(result: _Handoff | Volume | RaptorError) -> Volume | RaptorError:
@@ -229,7 +230,7 @@ def prefetch_in_processes(
 
     def new_pool(n: int) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_loader_init,
-                                                      initargs=(folder,))
+                                                      initargs=(folder, os.getpid()))
 
     pool = new_pool(workers)
     pending: deque[list] = deque()  # [ref, future]
