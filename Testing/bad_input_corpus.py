@@ -145,6 +145,14 @@ class Corpus:
 
         result = fit_probe(load_embeddings([self.table]), read_labels(self.labels))
         self.probe = result.probe.save(self._dir("probe") / "good.raptorprobe")
+        # A linear probe for the tiny model itself (random weights), so `raptor explain` runs to its writes.
+        from helpers import random_probe
+
+        from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
+
+        embedder = Embedder(EmbedSettings(model=str(self.model), k=4, grid=8, device="cpu"))
+        self.tiny_probe = random_probe(embedder, task="binary", classes=("0", "1")).save(
+            self.root / "probe" / "tiny.raptorprobe")
         # A small cohort for batch and two shard parts for merge.
         cohort = self._dir("cohort")
         for i in range(2):
@@ -1090,6 +1098,17 @@ def write_failures(c: Corpus) -> None:
     c.case("write_apply_output_under_a_file", ["probe", "apply", c.probe, c.table, "-o", under / "s.csv"], "s.csv",
            "cannot write")
     c.case("write_merge_output_under_a_file", ["merge", *c.parts, "-o", under / "m.csv"], "m.csv", "cannot write")
+    explain = ["explain", c.tiny_probe, c.good_npy, "--device", "cpu"]
+    c.case("write_explain_png_under_a_file", [*explain, "-o", under / "why.png"], "why.png", "cannot write")
+    c.case("write_explain_curves_under_a_file", [*explain, "-o", c.p("out", "why.png"), "--curves", under / "why.csv"],
+           "why.csv", "cannot write", may_write=(c.p("out", "why.png"),))
+    c.case("write_explain_heatmap_name_too_long", [*explain, "-o", c.p("out", "why2.png"), "--heatmap",
+                                                   c.root / "out" / ("h" * 260 + ".nrrd")], "cannot write",
+           may_write=(c.p("out", "why2.png"),))
+    c.case("explain_nan_volume", [*explain[:2], c.root / "vol" / "npy" / "somenan.npy", "-o", c.p("out", "n.png")],
+           "somenan.npy", "1 NaN")
+    c.case("explain_truncated_nifti", [*explain[:2], c.root / "vol" / "nifti" / "nii-halfgz.nii.gz", "-o",
+                                       c.p("out", "t.png")], "nii-halfgz.nii.gz", "truncated")
     c.case("write_batch_csv_under_a_file", ["batch", "--folder", c.cohort, "--csv", under / "b.csv", *m], "b.csv",
            "cannot write")
     c.case("write_batch_parquet_under_a_file", ["batch", "--folder", c.cohort, "--csv", c.p("out", "pq.csv"),

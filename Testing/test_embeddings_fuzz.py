@@ -26,7 +26,7 @@ from RaptorExtension.embeddings.table import read_table, write_table
 from RaptorExtension.errors import RaptorError
 from RaptorExtension.probes.probe import load_embeddings
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 F = 12
 
