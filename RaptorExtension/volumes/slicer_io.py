@@ -74,7 +74,11 @@ def native_stderr_captured() -> Iterator[list[str]]:
                 os.dup2(saved, 2)
                 sink.seek(0)
                 text = sink.read(1 << 16).decode("utf-8", errors="replace")
-                lines.extend(line.strip() for line in text.splitlines() if line.strip())
+                for line in text.splitlines(keepends=True):
+                    if line.startswith("raptor:"):  # another thread's own message, printed meanwhile: pass it on
+                        os.write(2, line.encode("utf-8"))
+                    elif line.strip():
+                        lines.append(line.strip())
         finally:
             os.close(saved)
             sink.close()
