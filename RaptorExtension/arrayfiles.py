@@ -187,7 +187,7 @@ class ZipArchive:
             raise InputError(f"{where}: is a folder, not a {what}") from None
         except OSError as exc:
             raise InputError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-        except _CORRUPT as exc:
+        except _CORRUPT:
             raise InputError(f"{where}: not a {what} (not a ZIP archive, or truncated)") from None
         try:
             self.infos = {}

@@ -11,7 +11,6 @@ cover what needs one: a full disk, two writers on one table, kills.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
