@@ -26,6 +26,16 @@ class MetadataMismatch(RaptorError):
     """Embeddings (or an embedding and a probe) were made with different settings."""
 
 
+class OutputError(RaptorError):
+    """An output cannot be written: a read-only folder, a full disk, a folder where a file should go."""
+
+
+def write_failure(path, exc: OSError) -> OutputError:
+    """The one line for a failed write, naming the user's path (not a temporary file beside it)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OutputError(f"{path}: cannot write ({reason})")
+
+
 class Cancelled(RaptorError):
     """The user cancelled a running job; nothing partial was written."""
 

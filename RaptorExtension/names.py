@@ -5,6 +5,8 @@ first use), so the lists they offer live here rather than in ``model.py`` or
 ``intensity.py``, which import torch.  One list, used by both.
 """
 
+import re
+
 DEFAULT_MODEL = "facebook/dinov2-large"
 
 KNOWN_MODELS = {
@@ -44,3 +46,33 @@ def recorded_model_name(model: str) -> str:
     name = KNOWN_MODELS.get(model, model)
     local = Path(name).expanduser()
     return str(local) if local.exists() else name
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+"""Devices Raptor runs on: ``auto`` (the first CUDA GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` is not a device Raptor can use, or None (no torch needed to tell)."""
+    if isinstance(device, str) and DEVICE_PATTERN.fullmatch(device.strip()):
+        return None
+    return f"device {device!r} is not one of auto, cpu, cuda, cuda:N (a GPU index) or mps"
+
+
+MIN_WINDOW_WIDTH = 1e-3
+"""The narrowest CT window accepted, in HU (a zero-width window divides by zero)."""
+
+
+def window_problem(window) -> str | None:
+    """Why ``(low, high)`` is not a usable CT window (non-finite, empty, reversed, too narrow), or None."""
+    import math
+
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        return f"CT window {window!r} must be two numbers LOW,HIGH"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"CT window {lo:g},{hi:g} must be finite numbers of HU"
+    if not hi - lo >= MIN_WINDOW_WIDTH:
+        return f"CT window {lo:g},{hi:g} must have LOW below HIGH by at least {MIN_WINDOW_WIDTH:g} HU"
+    return None

@@ -58,16 +58,17 @@ def adrenal64() -> Path:
     return require(ADRENAL_64)
 
 
-def make_tiny_model_dir(folder: Path, *, hidden_size: int = 32, seed: int = 0, registers: int = 0) -> Path:
+def make_tiny_model_dir(folder: Path, *, hidden_size: int = 32, seed: int = 0, registers: int = 0, layers: int = 2,
+                        image_size: int = TINY_IMAGE_SIZE) -> Path:
     """Save a random-init tiny DINOv2 as a Hugging Face folder (config, weights, preprocessor)."""
     from RaptorExtension.encoding.model import random_dinov2
 
-    model = random_dinov2(hidden_size=hidden_size, layers=2, heads=2, image_size=TINY_IMAGE_SIZE, seed=seed,
+    model = random_dinov2(hidden_size=hidden_size, layers=layers, heads=2, image_size=image_size, seed=seed,
                           registers=registers)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        "crop_size": {"height": image_size, "width": image_size},
         "do_center_crop": True,
         "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225],
@@ -79,6 +80,12 @@ def make_tiny_model_dir(folder: Path, *, hidden_size: int = 32, seed: int = 0, r
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random DINOv2 (d=32, 2 layers) saved as a local model folder."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory) -> Path:
+    """A small random DINOv2 at 224 px (about 5 ms a slice on one CPU thread): long enough jobs to act on mid-run."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("slow-dinov2"), hidden_size=64, layers=4, image_size=224)
 
 
 @pytest.fixture(scope="session")

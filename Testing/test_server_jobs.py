@@ -108,11 +108,11 @@ def test_explain_through_the_server_equals_explain_in_process(raptor_server, set
     assert client.fetch(snapshot["id"], "figure.png").startswith(b"\x89PNG")
 
 
-def test_progress_is_monotonic_and_ends_at_the_total(raptor_server, settings):
+def test_progress_is_monotonic_and_ends_at_the_total(raptor_server, settings, slow_model_dir):
     client = raptor_server.client()
     volume = Volume(array=synthetic_volume(), ijk_to_ras=np.eye(4), id="p", source="p")
     upload = volume_sender(volume).run(client)
-    slow = EmbedSettings(**{**server_settings(settings), "grid": 40, "batch_size": 1})
+    slow = EmbedSettings(**{**server_settings(settings), "model": str(slow_model_dir), "grid": 40, "batch_size": 1})
     job = client.submit(embed_request(slow, volume={"upload": upload}, volume_info=volume_info(volume)))
     seen = []
     snapshot = client.wait(job["id"], progress=lambda s: seen.append((s["stage"], s["done"], s["total"])), interval=0.02)
@@ -123,11 +123,11 @@ def test_progress_is_monotonic_and_ends_at_the_total(raptor_server, settings):
     assert snapshot["done"] == snapshot["total"] == 3 * 40
 
 
-def test_cancel_stops_the_job_before_it_ends(raptor_server, settings):
+def test_cancel_stops_the_job_before_it_ends(raptor_server, settings, slow_model_dir):
     client = raptor_server.client()
     volume = Volume(array=synthetic_volume(), ijk_to_ras=np.eye(4), id="c", source="c")
     upload = volume_sender(volume).run(client)
-    slow = EmbedSettings(**{**server_settings(settings), "grid": 64, "batch_size": 1})
+    slow = EmbedSettings(**{**server_settings(settings), "model": str(slow_model_dir), "grid": 64, "batch_size": 1})
     job = client.submit(embed_request(slow, volume={"upload": upload}, volume_info=volume_info(volume)))
     while True:
         snapshot = client.status(job["id"])
@@ -169,13 +169,13 @@ def test_two_clients_at_once_both_get_their_own_result(raptor_server, settings):
         assert results[volume.id].id == volume.id
 
 
-def test_a_server_killed_mid_job_leaves_one_line_and_nothing_written(tmp_path_factory, settings, tiny_model_dir):
+def test_a_server_killed_mid_job_leaves_one_line_and_nothing_written(tmp_path_factory, settings, slow_model_dir):
     server = start_server(tmp_path_factory.getbasetemp())
     try:
         client = server.client()
         volume = Volume(array=synthetic_volume(), ijk_to_ras=np.eye(4), id="k", source="k")
         upload = volume_sender(volume).run(client)
-        slow = EmbedSettings(**{**server_settings(settings), "model": str(tiny_model_dir), "grid": 64, "batch_size": 1})
+        slow = EmbedSettings(**{**server_settings(settings), "model": str(slow_model_dir), "grid": 64, "batch_size": 1})
         job = client.submit(embed_request(slow, volume={"upload": upload}, volume_info=volume_info(volume)))
         while client.status(job["id"])["done"] == 0:
             time.sleep(0.01)

@@ -57,10 +57,10 @@ def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_
     assert run2.summary.done == 0 and run2.summary.skipped == 3
 
 
-def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, tiny_model_dir, tmp_path, raptor_server):
+def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, slow_model_dir, tmp_path, raptor_server):
     found, _ = discover_database(database)
     logic = BatchLogic(EmbedLogic(compute=raptor_server.compute()))
-    settings = tiny_settings(tiny_model_dir, batch_size=4)
+    settings = tiny_settings(slow_model_dir, grid=48, batch_size=1)  # about a second a series: the cancel lands mid-cohort
     rows_seen = threading.Event()
 
     def on_progress(p):

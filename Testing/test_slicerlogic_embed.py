@@ -105,9 +105,14 @@ def logic(scene, raptor_server) -> EmbedLogic:
     return EmbedLogic(scene, compute=raptor_server.compute())
 
 
-def slow(settings: EmbedSettings) -> EmbedSettings:
-    """192 batches of one slice: long enough to act while the server encodes."""
-    return EmbedSettings(**{**settings.__dict__, "grid": 64, "batch_size": 1})
+@pytest.fixture
+def slow(slow_model_dir):
+    """Settings for a job long enough to act while the server encodes: 288 batches of one 224-px slice."""
+
+    def make(settings: EmbedSettings) -> EmbedSettings:
+        return EmbedSettings(**{**settings.__dict__, "model": str(slow_model_dir), "grid": 96, "batch_size": 1})
+
+    return make
 
 
 def poll_until_encoding(logic: EmbedLogic, job) -> None:
@@ -161,7 +166,7 @@ def test_damaged_attributes_are_named_errors(scene):
 # embedding through the logic
 
 
-def test_nonblocking_embed_reports_progress_and_writes_attributes_on_poll(scene, logic, settings):
+def test_nonblocking_embed_reports_progress_and_writes_attributes_on_poll(scene, logic, settings, slow):
     node = add_volume(scene, "CT chest")
     progress: list[EmbedProgress] = []
     finished = []
@@ -174,17 +179,17 @@ def test_nonblocking_embed_reports_progress_and_writes_attributes_on_poll(scene,
     assert finished == [job] and job.status == DONE, job.error
     stages = [p.stage for p in progress]
     assert "sending to the server" in stages and "encoding" in stages  # "loading model" is instant once loaded
-    encoding = [p for p in progress if p.stage == "encoding"]
-    assert [p.done for p in encoding] == sorted(p.done for p in encoding) and encoding[-1].total == 3 * 64
+    encoding = [p for p in progress if p.stage == "encoding" and p.total]
+    assert [p.done for p in encoding] == sorted(p.done for p in encoding) and encoding[-1].total == 3 * 96
     final = [p for p in progress if p.stage == "done"]
-    assert final and final[-1].done == final[-1].total == 3 * 64  # the server's last word: the whole volume
-    assert encoding[0].describe().startswith(f"encoding: {encoding[0].done} of {3 * 64} slices")
+    assert final and final[-1].done == final[-1].total == 3 * 96  # the server's last word: the whole volume
+    assert encoding[0].describe().startswith(f"encoding: {encoding[0].done} of {3 * 96} slices")
 
     stored = read_embedding(node)
     assert stored.vector.tobytes() == job.embedding.vector.tobytes()
     meta = stored.metadata
     assert meta["id"] == "CT chest" and meta["source"] == "slicer:CT chest"
-    assert meta["k"] == 8 and meta["grid"] == 64 and meta["shape"] == [3, 8, 4, 4]
+    assert meta["k"] == 8 and meta["grid"] == 96 and meta["shape"] == [3, 8, 16, 16]
     assert meta["source_spacing"] == pytest.approx([0.9, 1.1, 2.0])
     assert "CT chest" not in describe_embedding(stored) and "K=8" in describe_embedding(stored)
 
@@ -218,7 +223,7 @@ def test_model_stays_loaded_and_only_projection_changes_with_k_and_seed(scene, l
     assert logic.unloadModel() and logic.compute.health()["models"] == []
 
 
-def test_cancel_mid_run_writes_nothing_and_keeps_the_previous_embedding(scene, logic, settings):
+def test_cancel_mid_run_writes_nothing_and_keeps_the_previous_embedding(scene, logic, settings, slow):
     node = add_volume(scene, "v")
     previous = logic.embed(node, settings, waitForCompletion=True)
 
@@ -229,7 +234,7 @@ def test_cancel_mid_run_writes_nothing_and_keeps_the_previous_embedding(scene, l
     run_until_done(logic)
 
     assert job.status == CANCELLED and finished == [job] and job.cancel_reason == "cancelled by the user"
-    assert 0 < job.remote.snapshot["done"] < 3 * 64  # it stopped part way through the slices
+    assert 0 < job.remote.snapshot["done"] < 3 * 96  # it stopped part way through the slices
     stored = read_embedding(node)
     assert stored.metadata["k"] == 8 and stored.vector.tobytes() == previous.vector.tobytes()
 
@@ -259,7 +264,7 @@ def test_user_cancel_is_honoured_whatever_the_timing(scene, logic, settings):
     assert job.status == CANCELLED and not has_embedding(node)
 
 
-def test_deleting_the_node_mid_run_cancels_cleanly(scene, logic, settings):
+def test_deleting_the_node_mid_run_cancels_cleanly(scene, logic, settings, slow):
     node = add_volume(scene, "to delete")
     job = logic.embed(node, slow(settings))
     poll_until_encoding(logic, job)
@@ -275,7 +280,7 @@ def test_deleting_the_node_mid_run_cancels_cleanly(scene, logic, settings):
     assert logic.embed(other, settings, waitForCompletion=True).vector.size == 3 * 8 * 16
 
 
-def test_closing_the_scene_mid_run_cancels_cleanly(scene, logic, settings):
+def test_closing_the_scene_mid_run_cancels_cleanly(scene, logic, settings, slow):
     node = add_volume(scene, "open scan")
     job = logic.embed(node, slow(settings))
     poll_until_encoding(logic, job)
@@ -316,7 +321,7 @@ def test_failures_are_one_sentence_and_write_nothing(scene, logic, settings, tmp
         logic.embed(table, settings)
 
 
-def test_a_server_that_dies_mid_job_leaves_the_node_unchanged_and_the_next_job_restarts_it(scene, settings, tmp_path_factory):
+def test_a_server_that_dies_mid_job_leaves_the_node_unchanged_and_the_next_job_restarts_it(scene, settings, tmp_path_factory, slow):
     """The local-server path: the server is killed mid-job; one line; the next job starts a new server."""
     import os
     import signal

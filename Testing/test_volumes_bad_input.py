@@ -217,7 +217,7 @@ def test_a_truncated_dicom_slice_is_refused_not_silently_filled(tmp_path, dicom_
     code = main(["embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--grid", "16", "--k", "8", "-q"])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"raptor: failed: {folder}: DICOM file {victim.name} is truncated: its pixel data has 523288 of 524288 bytes\n" in err
+    assert f"raptor: error: {folder}: DICOM file {victim.name} is truncated: its pixel data has 523288 of 524288 bytes\n" in err
     assert not out.exists() or not list(out.glob("*.npz"))
 
 

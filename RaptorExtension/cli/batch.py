@@ -20,6 +20,7 @@ import sys
 import time
 
 from ..errors import RaptorError
+from ..names import device_problem
 
 
 def default_readers() -> int:
@@ -94,7 +95,11 @@ def _devices(spec: str) -> list[str] | None:
     for part in (s.strip() for s in spec.split(",")):
         if not part:
             continue
-        devices.append(f"cuda:{part}" if part.isdigit() else part)
+        name = f"cuda:{part}" if part.isdigit() else part
+        problem = device_problem(name)
+        if problem or name == "auto":
+            raise RaptorError(f"--gpus {spec!r}: {problem or 'auto stands alone'}")
+        devices.append(name)
     if not devices:
         raise RaptorError(f"--gpus {spec!r} names no device")
     return devices

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_embedding_options, add_server_options, non_negative_int, positive_int, settings_from_args
+from ..outputs import TableLocks, check_outputs, output_path
+from .options import add_embedding_options, add_server_options, input_files, non_negative_int, positive_int, settings_from_args
 
 
 def add_embed_parser(sub) -> None:
@@ -60,16 +61,25 @@ def open_embedder(args: argparse.Namespace, settings):
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    args.csv = str(output_path(args.csv)) if args.csv else None
+    out_dir = Path(args.out_dir) if args.out_dir else (None if args.csv else Path("raptor_embeddings"))
+    errors_path = Path(args.errors) if args.errors else (
+        (out_dir / "raptor_errors.csv") if out_dir else Path(args.csv).with_name(Path(args.csv).stem + "_errors.csv")
+    )
+    outputs = [("--csv", args.csv), ("the errors file" if not args.errors else "--errors", errors_path)]
+    inputs = [entry for spec in args.inputs for entry in input_files(spec)]
+    check_outputs(outputs, inputs, folders=[("--out-dir", out_dir)])
+    with TableLocks([("table", args.csv)]):
+        return _run_embed(args, out_dir, errors_path, outputs, inputs)
+
+
+def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path, outputs, inputs) -> int:
     from ..cohort.errorlog import ErrorLog
     from ..embeddings.stream import TableAppender
     from ..volumes.prefetch import resolve_loader
     from ..volumes.readers import expand_input
     from .progress import Progress
 
-    out_dir = Path(args.out_dir) if args.out_dir else (None if args.csv else Path("raptor_embeddings"))
-    errors_path = Path(args.errors) if args.errors else (
-        (out_dir / "raptor_errors.csv") if out_dir else Path(args.csv).with_name(Path(args.csv).stem + "_errors.csv")
-    )
     errors = ErrorLog(errors_path)
     refs = []
     for spec in args.inputs:
@@ -87,6 +97,16 @@ def run_embed(args: argparse.Namespace) -> int:
     dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
+    if out_dir is not None:
+        check_outputs(outputs + [(f"the embedding of {r.id}", out_dir / f"{r.id}.npz") for r in refs], inputs)
+    table = TableAppender(args.csv) if args.csv else None
+    if table is not None and not args.skip_existing:
+        present = [i for i in ids if i in table.ids]
+        if present:
+            raise RaptorError(
+                f"{args.csv}: already holds rows for {len(present)} of these volumes (e.g. {present[0]!r}); "
+                "pass --skip-existing to embed only the others, or write to another --csv"
+            )
 
     settings = settings_from_args(args)
     # What can be checked without the model is checked first: loading it takes a while, and embedding
@@ -100,7 +120,6 @@ def run_embed(args: argparse.Namespace) -> int:
         return 1 if errors.count else 0
 
     embedder = open_embedder(args, settings)
-    table = TableAppender(args.csv) if args.csv else None
     if table is not None and table.settings is not None:
         _check_table_settings(table, embedder)
 
@@ -121,12 +140,12 @@ def run_embed(args: argparse.Namespace) -> int:
         for ref, embedding, error in embedder.embed_many(todo, progress=progress.slices, readers=args.readers,
                                                          loader=loader):
             if error is not None:
+                if not args.continue_on_error:  # stop at the first failure: one error line, like any bad input
+                    raise RaptorError(_done_before(error, done, out_dir, args.csv))
                 failed += 1
                 errors.add(ref.id, ref.source, error)
                 progress.write(f"raptor: failed: {error}")
                 progress.volume_done()
-                if not args.continue_on_error:
-                    break
                 continue
             if out_dir is not None:
                 embedding.save(out_dir / f"{ref.id}.npz")
@@ -207,6 +226,14 @@ def _done_before_loading(ref, out_dir: Path | None, csv_ids: set[str] | None, se
         if existing.metadata.get("encoder") != recorded_model_name(settings.model):
             return False
     return csv_ids is None or ref.id in csv_ids
+
+
+def _done_before(error: str, done: int, out_dir: Path | None, csv: str | None) -> str:
+    """The error of the volume that stopped the run, and what was kept."""
+    if not done:
+        return error
+    where = " and ".join(str(p) for p in (out_dir, csv) if p)
+    return f"{error} (the {done} volume(s) embedded before it are kept in {where}; --continue-on-error goes past failures)"
 
 
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:

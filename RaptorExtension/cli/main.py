@@ -21,8 +21,17 @@ from . import batch, labels, models, probe, serve
 from .embed import add_embed_parser, add_info_parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Option errors are one ``raptor: error:`` line too, like every other error (exit status 2, as argparse's)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("raptor").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"raptor: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="raptor",
         description="Raptor: train-free 3D embeddings of CT/MR volumes with a frozen 2D foundation model.",
     )
@@ -49,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     except RaptorError as exc:
         print(f"raptor: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `raptor probe apply ... | head`: the reader left, nothing to say
+        return 1
+    except OSError as exc:  # a read or write no command wrapped: still one line, naming the file
+        print(f"raptor: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("raptor: error: out of memory (a smaller --grid or --batch-size, or fewer --readers, needs less)",
+              file=sys.stderr)
+        return 1
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<path>: <reason>`` for an error from the operating system."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename2 if exc.filename2 is not None else exc.filename
+    return f"{where}: {reason}" if where is not None else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+
+
+def input_files(spec: str, what: str = "an input") -> list[tuple[str, Path]]:
+    """The files an input names, for the output checks: ``file.npz#test_3`` -> ``file.npz``; a folder -> it and its files."""
+    path = Path(spec.split("#", 1)[0] if "#" in spec and not Path(spec).exists() else spec)
+    found = [(what, path)]
+    if path.is_dir():
+        try:
+            found += [(f"a file of {what} {path}", child) for child in path.iterdir() if child.is_file()]
+        except OSError:
+            pass
+    return found
 
 
 def non_negative_int(text: str) -> int:
@@ -17,18 +30,35 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
 
 
 def _window(text: str) -> tuple[float, float]:
+    from ..names import window_problem
+
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU (got {text!r})") from None
+    problem = window_problem((lo, hi))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return lo, hi
+
+
+def device(text: str) -> str:
+    from ..names import device_problem
+
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text.strip()
 
 
 def add_embedding_options(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +70,7 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
                    help=f"Hugging Face id or local folder (default {DEFAULT_MODEL}; short names dinov2-s/b/l/g, dinov3-s/b/l, "
                         f"and {OFFLINE_MODEL} for the DINOv2-S/14 setup.sh builds without the hub)")
     g.add_argument("--k", type=positive_int, default=100, help="projected token width K (default 100 = Raptor; 10 = Raptor-B)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the Gaussian projection (default 0)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the Gaussian projection (default 0)")
     g.add_argument("--grid", default="256", help="isotropic cube size in voxels, or 'native' to keep the array as is (default 256)")
     g.add_argument("--preset", default="auto", choices=PRESETS, help="intensity preset (default auto: ct for CT, mri for MR, else minmax)")
     g.add_argument("--ct-window", type=_window, default=None, metavar="LOW,HIGH", help="HU window of the ct preset (default -1000,1000)")
@@ -48,7 +78,7 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-cls", action="store_true", help="append the mean CLS token of each plane as an extra feature block")
     g.add_argument("--image-size", type=positive_int, default=None, help="slice size fed to the model (default: the model's, 224)")
     s = parser.add_argument_group("speed")
-    s.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto)")
+    s.add_argument("--device", default="auto", type=device, help="auto, cuda, cuda:N or cpu (default auto)")
     s.add_argument("--batch-size", type=positive_int, default=None, help="slices per forward pass (default 128 on GPU, 16 on CPU)")
     s.add_argument("--no-dedup", action="store_true", help="encode constant slices every time instead of once")
     s.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder (default: the hub's; env RAPTOR_MODEL_CACHE)")

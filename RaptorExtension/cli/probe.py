@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from ..errors import RaptorError
-from .options import add_server_options
+from ..outputs import check_outputs
+from .options import add_server_options, device, input_files, non_negative_int, positive_int
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -54,13 +55,13 @@ def add_parser(sub) -> None:
     fit.add_argument("--label-column", action="append", default=None, help="use only this label column (repeatable)")
     fit.add_argument("--select", default="val", choices=("val", "cv"),
                      help="choose C on the val split (paper, default) or by stratified k-fold CV on train+val")
-    fit.add_argument("--folds", type=int, default=5, help="folds for --select cv (default 5)")
+    fit.add_argument("--folds", type=positive_int, default=5, help="folds for --select cv (default 5)")
     fit.add_argument("--c-grid", type=_floats, default=None, help="C values for logistic regression (default 0.01,0.1,1,10,100)")
     fit.add_argument("--alpha-grid", type=_floats, default=None, help="penalties for ridge/mlp")
     fit.add_argument("--hidden", type=_ints, default=(256,), help="MLP hidden widths, one or two layers (default 256)")
     fit.add_argument("--positive", default=None, help="positive class of a binary task (default: the second sorted)")
-    fit.add_argument("--seed", type=int, default=0, help="seed for CV folds and the MLP (default 0)")
-    fit.add_argument("--max-iter", type=int, default=3000, help="solver iterations (default 3000)")
+    fit.add_argument("--seed", type=non_negative_int, default=0, help="seed for CV folds and the MLP (default 0)")
+    fit.add_argument("--max-iter", type=positive_int, default=3000, help="solver iterations (default 3000)")
     fit.add_argument("--report", default=None, help="metrics JSON (default OUTPUT stem + _metrics.json)")
     fit.add_argument("--plot", default=None, help="ROC / predicted-vs-true PNG (default OUTPUT stem + _roc.png or _pred.png)")
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the metrics table")
@@ -107,15 +108,15 @@ def add_parser(sub) -> None:
                          help="also write the scores and the slice curves as a DICOM SR (TID 1500) (DICOM input)")
     add_stow_option(explain)
     add_dicomweb_credentials(explain)
-    explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    explain.add_argument("--device", default="auto", type=device, help="auto, cuda, cuda:N or cpu")
+    explain.add_argument("--batch-size", type=positive_int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
     add_server_options(explain)
     explain.set_defaults(func=run_explain)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from ..probes.fit_outputs import write_fit_outputs
+    from ..probes.fit_outputs import output_stem, write_fit_outputs
     from ..probes.metrics import metrics_table
     from ..probes.probe import (
         PAPER_C_GRID,
@@ -126,6 +127,15 @@ def run_fit(args: argparse.Namespace) -> int:
     )
 
     output = Path(args.output)
+    report = Path(args.report) if args.report else Path(f"{output_stem(output)}_metrics.json")
+    if args.plot:
+        plot = Path(args.plot)
+    else:  # the task (classification or regression) names the default plot; both names are kept free
+        plot = None
+    default_plots = [Path(f"{output_stem(output)}_roc.png"), Path(f"{output_stem(output)}_pred.png")] if plot is None else [plot]
+    check_outputs([("-o/--output", output), ("--report" if args.report else "the metrics report", report)]
+                  + [("--plot" if args.plot else "the plot", p) for p in default_plots],
+                  input_files(args.embeddings, "the embeddings") + input_files(args.labels, "the labels"))
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     embeddings = load_embeddings([args.embeddings])
     labels = read_labels(args.labels, args.label_column)
@@ -151,6 +161,8 @@ def run_apply(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..probes.probe import Probe, load_embeddings
 
+    check_outputs([("-o/--output", args.output)], input_files(args.probe, "the probe")
+                  + [entry for spec in args.embeddings for entry in input_files(spec, "the embeddings")])
     probe = Probe.load(args.probe)
     embeddings = load_embeddings(args.embeddings)
     scores = probe.apply(embeddings)
@@ -174,11 +186,11 @@ def run_info(args: argparse.Namespace) -> int:
     from ..probes.probe import Probe
     from ..probes.probe_file import read_probe_file
 
+    probe = Probe.load(args.probe)  # checks every field, also for --json
     if args.json:
         meta, _ = read_probe_file(args.probe)
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0
-    probe = Probe.load(args.probe)
     e = probe.embedding
     selection = probe.training.get("selection", {})
     print(args.probe)
@@ -198,6 +210,9 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..probes.probe import Probe
     from .dicom_outputs import check_explain_source, write_explain_results
 
+    check_outputs([("-o/--output", args.output), ("--heatmap", args.heatmap), ("--curves", args.curves),
+                   ("--dicom-pm", args.dicom_pm), ("--dicom-sr", args.dicom_sr)],
+                  input_files(args.probe, "the probe") + input_files(args.volume, "the volume"))
     probe = Probe.load(args.probe)
     if not probe.is_linear:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")

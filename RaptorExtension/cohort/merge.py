@@ -13,6 +13,7 @@ from ..embeddings.csv_format import csv_line
 from ..embeddings.settings import check_compatible
 from ..embeddings.stream import index_table, read_line_at
 from ..errors import InputError, MetadataMismatch, RaptorError
+from ..outputs import check_outputs
 from .errorlog import COLUMNS as ERROR_COLUMNS
 from .job import errors_path_for, record_path_for
 from .plan import cohort_digest
@@ -51,6 +52,12 @@ def merge_parts(parts: Sequence[str | Path], output: str | Path) -> MergeSummary
         if record is None:
             raise InputError(f"{part}: no batch record {record_path_for(part).name} beside it (was it written by raptor batch?)")
         records.append((part, record))
+    inputs = []
+    for part, record in records:
+        inputs += [("a part", part), ("a part's batch record", record_path_for(part)),
+                   ("a part's errors CSV", errors_path_for_record(part, record))]
+    check_outputs([("-o/--output", output), ("the merged errors CSV", errors_path_for(output)),
+                   ("the merged batch record", record_path_for(output))], inputs)
     first_part, first = records[0]
     count = int(first["shard"][1])
     seen_shards: dict[int, Path] = {}

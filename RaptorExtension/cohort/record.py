@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..embeddings.settings import check_compatible, settings_hash
+from ..embeddings.embedding import METADATA_SCHEMA
+from ..embeddings.settings import SETTINGS_KEYS, check_compatible, settings_hash
 from ..errors import InputError, RaptorError
+from ..fields import BOOL, DICT, INT, LIST, NULLABLE, SCHEMA, STR, check_fields, is_int
 from ..version import __version__
 from .errorlog import COLUMNS as ERROR_COLUMNS
 from .job import BatchJob, BatchSummary, errors_path_for
@@ -31,18 +33,57 @@ def init_errors(path: Path) -> None:
     atomic_write_text(path, ",".join(ERROR_COLUMNS) + "\n")
 
 
+def _plain_name(value) -> str | None:
+    """A file name beside the record, never a path (a record must not point a merge elsewhere)."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value or ":" in value:
+        return "must be a plain file name beside the record"
+    return None
+
+
+def _shard(value) -> str | None:
+    if LIST(INT(0), min_len=2, max_len=2)(value) or value[1] < 1 or value[0] >= value[1]:
+        return "must be [I, N] with 0 <= I < N"
+    return None
+
+
+RECORD_SCHEMA = {
+    "format": STR,
+    "format_version": INT(0),
+    "software": STR,
+    "status": STR,
+    "csv": _plain_name,
+    "errors_csv": NULLABLE(_plain_name),
+    "shard": _shard,
+    "cohort_size": INT(0),
+    "cohort_sha256": STR,
+    "settings": SCHEMA({k: NULLABLE(METADATA_SCHEMA[k]) for k in (*SETTINGS_KEYS, "encoder")}),
+    "settings_hash": STR,
+    "n_features": INT(1),
+    "anonymized": BOOL,
+    "salt_check": NULLABLE(STR),
+    "filters": DICT(),
+    "sources": NULLABLE(DICT()),
+    "counts": DICT(INT(0)),
+    "updated": STR,
+    "assigned": LIST(STR),
+    "merged_from": LIST(STR),
+}
+"""The type of every field of a batch record that a resume or a merge uses."""
+RECORD_REQUIRED = ("format", "format_version", "shard", "settings", "cohort_sha256", "assigned")
+
+
 def read_record(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"{path}: batch record is not readable JSON ({type(exc).__name__}); delete it to start over") from None
-    if record.get("format") != RECORD_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise InputError(f"{path}: not a Raptor batch record")
-    if int(record.get("format_version", 0)) > RECORD_VERSION:
+    if is_int(record.get("format_version")) and record["format_version"] > RECORD_VERSION:
         raise InputError(f"{path}: written by a newer Raptor; upgrade to resume this job")
-    return record
+    return check_fields(record, RECORD_SCHEMA, str(path), required=RECORD_REQUIRED, what="batch record")
 
 
 def check_record(previous: dict | None, job: BatchJob, plan: Plan) -> None:
@@ -117,6 +158,9 @@ def errors_path_for_record(part: Path, record: dict) -> Path:
 def read_errors(path: Path) -> list[list[str]]:
     if not path.exists():
         return []
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a readable errors CSV ({type(exc).__name__})") from None
     return [r for r in rows[1:] if r and len(r) == len(ERROR_COLUMNS)]

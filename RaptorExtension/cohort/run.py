@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from ..embeddings.embedding import Embedding
 from ..embeddings.stream import StreamingAppender
 from ..errors import Cancelled, RaptorError
+from ..outputs import TableLocks, check_outputs, check_outputs_against_files, output_path
 from ..volumes.prefetch import resolve_loader
 from .job import BatchJob, BatchSummary, ProgressCallback
 from .plan import Plan, PlannedSeries, header_for_job, plan_job
@@ -89,10 +90,34 @@ def run_batch(
         job.settings = embedder.settings if embedder is not None else EmbedSettings()
     if embedder is not None:
         job.settings = embedder.settings
+    job.csv = output_path(job.csv)
+    outputs = job_outputs(job)
+    check_outputs(outputs, job_inputs(job))
+    with TableLocks([("table", job.csv_path)]):
+        return _run_locked(job, outputs, progress=progress, cancel=cancel, embedder=embedder, load_embedder=load_embedder)
+
+
+def job_outputs(job: BatchJob) -> list[tuple[str, object]]:
+    """Every file a batch writes, named as the user knows it."""
+    return [("--csv", job.csv_path), ("--errors" if job.errors_csv else "the errors CSV", job.errors_path),
+            ("the batch record", job.record_path), ("--parquet", job.parquet)]
+
+
+def job_inputs(job: BatchJob) -> list[tuple[str, object]]:
+    """The files and folders a batch names as its sources (the volumes they list are checked after discovery)."""
+    from pathlib import Path
+
+    return ([("--manifest", m) for m in job.sources.manifests] + [("--folder", f) for f in job.sources.folders]
+            + [("--dicom-db", d) for d in job.sources.dicom_databases]
+            + [("the DICOM database", Path(d) / "ctkDICOM.sql") for d in job.sources.dicom_databases])
+
+
+def _run_locked(job: BatchJob, outputs, *, progress, cancel, embedder, load_embedder=None) -> BatchSummary:
     run = RunState(job, progress, cancel)
     summary = BatchSummary(csv=job.csv_path, errors_csv=job.errors_path, record=job.record_path)
     run.report(phase="discovering")
     plan = plan_job(job, cancel=cancel, progress=run.progress_cb)
+    check_outputs_against_files(outputs, (path for planned in plan.series for path in planned.item.paths))
     summary.total = len(plan.series)
     summary.excluded = len(plan.excluded)
     summary.other_shards = len(plan.cohort_ids) - len(plan.series)

@@ -31,13 +31,16 @@ class _WorkerConfig:
     readers: int
     loader: str
     job: BatchJob
+    parent: int | None = None
 
 
 def _worker_main(config: _WorkerConfig, work, results, cancel) -> None:
     """Runs in a worker process: embed what the queue hands out, append to this worker's part."""
     try:
         from ..encoding.pipeline import Embedder
+        from ..volumes.prefetch import die_with_parent
 
+        die_with_parent(parent=config.parent)  # a killed job takes its device workers (and their loaders) with it
         embedder = Embedder(config.settings)
         expected, n_features = expected_settings(embedder, config.preset)
         if config.expected is not None:
@@ -122,7 +125,8 @@ def run_workers(run: RunState, plan: Plan, preset: str, devices: list[str], load
     workers = []
     for n, device in enumerate(devices):
         config = _WorkerConfig(settings=with_device(job.settings, device), part=str(parts_dir / f"worker-{n}.csv"),
-                               preset=preset, expected=expected_before, readers=readers, loader=loader, job=job)
+                               preset=preset, expected=expected_before, readers=readers, loader=loader, job=job,
+                               parent=os.getpid())
         process = context.Process(target=_worker_main, args=(config, work, results, stop), daemon=True,
                                   name=f"raptor-batch-{device}")
         process.start()

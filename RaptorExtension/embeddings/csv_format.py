@@ -15,6 +15,7 @@ import io
 import re
 from collections.abc import Iterable, Sequence
 
+from ..errors import InputError
 from .embedding import Embedding
 from .settings import SETTINGS_KEYS
 
@@ -61,15 +62,34 @@ def csv_line(values: Iterable[str]) -> str:
     return buffer.getvalue()
 
 
-def parse_setting(key: str, value: str):
+def parse_setting(key: str, value: str, where: str = "the table"):
+    """A metadata column's value as the embedding metadata holds it; a malformed one is one :class:`InputError` line."""
     if value == "":
         return None
+
+    def bad(expected: str) -> InputError:
+        return InputError(f"{where}: column {key} holds {value[:40]!r}, not {expected}")
+
     if key in ("k", "seed", "image_size", "format_version"):
-        return int(value)
+        if not re.fullmatch(r"-?\d{1,18}", value.strip()):
+            raise bad("a whole number")
+        number = int(value)
+        if key != "seed" and number < (0 if key == "format_version" else 1):
+            raise bad("a positive number")
+        return number
     if key == "grid":
-        return value if value == "native" else int(value)
+        if value == "native":
+            return value
+        if not re.fullmatch(r"\d{1,9}", value.strip()) or int(value) < 2:
+            raise bad("a number of voxels or 'native'")
+        return int(value)
     if key == "keep_cls":
+        if value.lower() not in ("true", "false"):
+            raise bad("true or false")
         return value.lower() == "true"
     if key == "planes":
-        return value.split("|")
+        planes = value.split("|")
+        if any(p not in ("axial", "coronal", "sagittal") for p in planes) or len(set(planes)) != len(planes):
+            raise bad("planes such as axial|coronal|sagittal")
+        return planes
     return value

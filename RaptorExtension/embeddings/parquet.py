@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import temp_file_beside
-from ..errors import RaptorError
+from ..errors import RaptorError, write_failure
 from .stream import iter_rows
 
 ROWS_PER_GROUP = 256
@@ -45,7 +45,6 @@ def csv_to_parquet(csv_path: str | Path, parquet_path: str | Path) -> Path:
     names = header[:n_prefix]
     n_features = len(header) - n_prefix
     schema = pa.schema([pa.field(n, pa.string()) for n in names] + [pa.field("embedding", pa.list_(pa.float32(), n_features))])
-    parquet_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_beside(parquet_path)
     os.close(fd)
     try:
@@ -73,9 +72,11 @@ def csv_to_parquet(csv_path: str | Path, parquet_path: str | Path) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, parquet_path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):  # a full disk, a folder in the way
+            raise write_failure(parquet_path, exc) from None
         raise
     return parquet_path
 

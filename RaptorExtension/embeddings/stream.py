@@ -14,6 +14,7 @@ per row), so a killed job leaves at most a torn last line, which
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
-from ..errors import InputError, MetadataMismatch
+from ..errors import InputError, MetadataMismatch, write_failure
 from .csv_format import (
     FEATURE_RE,
     META_COLUMNS,
@@ -113,8 +114,8 @@ def first_feature_column(header: Sequence[str], path: Path | str) -> int:
     raise InputError(f"{path}: no feature columns e0..eN")
 
 
-def _row_settings(prefix: dict[str, str]) -> dict:
-    settings = {k: parse_setting(k, prefix.get(k, "")) for k in SETTINGS_KEYS}
+def _row_settings(prefix: dict[str, str], where: str = "the table") -> dict:
+    settings = {k: parse_setting(k, prefix.get(k, ""), where) for k in SETTINGS_KEYS}
     settings["encoder"] = prefix.get("encoder", "")
     return settings
 
@@ -192,7 +193,7 @@ def index_table(path: str | Path, *, allow_torn_tail: bool = False, keep: Sequen
             raise InputError(f"{path}: id {row_id!r} appears more than once (line {line_no})")
         seen.add(row_id)
         if has_settings:
-            settings = _row_settings(values)
+            settings = _row_settings(values, f"{path}: line {line_no}")
             if index.settings is None:
                 index.settings = settings
             else:
@@ -256,11 +257,8 @@ class TableAppender:
         if embedding.vector.size != expected:
             raise MetadataMismatch(f"{self.path}: {embedding.id} has {embedding.vector.size} features, the table {expected}")
         text += csv_line(row.get(h, "") for h in self.header)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _refuse_duplicate(self.path, self.ids, embedding.id)
+        append_durably(self.path, text.encode("utf-8"))
         self.ids.add(embedding.id)
 
 
@@ -322,15 +320,41 @@ class StreamingAppender(TableAppender):
         self.write_row(embedding.id, self.format_row(embedding, extra))
 
     def write_row(self, row_id: str, data: bytes) -> None:
-        with open(self.path, "ab") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _refuse_duplicate(self.path, self.ids, row_id)
+        append_durably(self.path, data)
         self.ids.add(row_id)
 
     def append_raw(self, row_id: str, raw: bytes) -> None:
         """Append a row copied verbatim from a table with the same header."""
         self.write_row(row_id, raw if raw.endswith(b"\n") else raw + b"\n")
+
+
+def _refuse_duplicate(path: Path, ids: set[str], row_id: str) -> None:
+    """A table holds each id once: a second row for an id would make it unreadable."""
+    if row_id in ids:
+        raise InputError(f"{path}: already holds a row for {row_id!r}; a table keeps one row per id")
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append ``data`` with one write and an fsync; a failed write is cut back off, never left half-written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise write_failure(path, exc) from None
+    finally:
+        os.close(fd)
 
 
 def _header_difference(path: Path, found: list[str], wanted: list[str]) -> str:

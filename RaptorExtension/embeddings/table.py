@@ -104,15 +104,19 @@ def read_table(path: str | Path, *, require_settings: bool = True) -> Table:
         raise InputError(f"{path}: id {dup!r} appears more than once")
     settings = None
     if all(k in columns for k in SETTINGS_KEYS) and ids:
-        settings = {k: parse_setting(k, columns[k][0]) for k in SETTINGS_KEYS}
-        settings["encoder"] = columns.get("encoder", [""])[0]
+        settings = {k: parse_setting(k, columns[k][0], f"{path}: line 2") for k in SETTINGS_KEYS}
+        settings["encoder"] = columns["encoder"][0] if "encoder" in columns else ""
         for r in range(1, len(ids)):
-            row_settings = {k: parse_setting(k, columns[k][r]) for k in SETTINGS_KEYS}
-            row_settings["encoder"] = columns.get("encoder", [""])[r]
+            row_settings = {k: parse_setting(k, columns[k][r], f"{path}: row {ids[r]!r}") for k in SETTINGS_KEYS}
+            row_settings["encoder"] = columns["encoder"][r] if "encoder" in columns else ""
             check_compatible(settings, row_settings, f"{path}: row {ids[r]!r} vs row {ids[0]!r}")
     elif require_settings and ids:
         missing = [k for k in SETTINGS_KEYS if k not in columns]
         raise InputError(f"{path}: lacks the embedding metadata columns {', '.join(missing)}")
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():  # Raptor never writes one: an edited or damaged row would give NaN scores
+        r = int(np.argmin(finite))
+        raise InputError(f"{path}: row {ids[r]!r} has a NaN or infinite feature (e{int(np.argmin(np.isfinite(features[r])))})")
     return Table(path=path, header=header, ids=ids, features=features, columns=columns, settings=settings)
 
 

@@ -23,7 +23,7 @@ from ..errors import RaptorError
 from ..volumes.intensity import IntensityPreset, ct_hint, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
-from ..volumes.volume import Volume, VolumeRef, validate_volume
+from ..volumes.volume import Volume, VolumeRef, torch_ready, validate_volume
 from .model import Encoder, load_encoder
 from .projection import GENERATOR_NAME, gaussian_projection, projection_sha256
 from .settings import DEFAULT_GRID, EmbedSettings
@@ -133,7 +133,7 @@ class Embedder:
         validate_volume(volume)
         s = self.settings
         preset = resolve_preset(s.preset, volume.modality, s.ct_window)
-        data = torch.from_numpy(np.ascontiguousarray(volume.array)).to(self.encoder.device, torch.float32)
+        data = torch.from_numpy(np.ascontiguousarray(torch_ready(volume.array))).to(self.encoder.device, torch.float32)
         if self.notice is not None and not self._hinted and preset.name == "minmax" and s.preset == "auto":
             where = volume.id if self.notice_by_id else (volume.source or volume.id)
             hint = ct_hint(s.preset, volume.modality, float(data.min()), float(data.max()), where)
@@ -175,7 +175,12 @@ class Embedder:
             **({"dicom": vol.info} if vol.info else {}),
         )
         meta["settings_hash"] = settings_hash(meta)
-        return Embedding(vector=np.ascontiguousarray(vector, dtype=np.float32), metadata=meta)
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        if not np.isfinite(vector).all():  # never written: a NaN embedding looks like data to every consumer
+            bad = int(vector.size - np.count_nonzero(np.isfinite(vector)))
+            raise RaptorError(f"{vol.source}: its embedding came out with {bad} NaN or infinite values of {vector.size} "
+                              f"(intensity preset {prepared.preset.describe()}); nothing was written for it")
+        return Embedding(vector=vector, metadata=meta)
 
     # ------------------------------------------------------------------
     def embed_volume(
@@ -236,7 +241,12 @@ class Embedder:
                 ref, message = failures.pop(0)
                 yield ref, None, message
             ref, prep, start = prepared.pop(result.key)
-            yield ref, self.finish(prep, result, time.perf_counter() - start), None
+            try:
+                embedding = self.finish(prep, result, time.perf_counter() - start)
+            except RaptorError as exc:
+                yield ref, None, str(exc)
+                continue
+            yield ref, embedding, None
         while failures:
             ref, message = failures.pop(0)
             yield ref, None, message

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import RaptorError
-from ..names import DEFAULT_MODEL, PLANES
+from ..names import DEFAULT_MODEL, PLANES, device_problem, window_problem
 
 DEFAULT_GRID = 256
 
@@ -45,6 +45,11 @@ class EmbedSettings:
         if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
             raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
         self.planes = tuple(self.planes)
+        problem = device_problem(str(self.device))
+        if problem:
+            raise RaptorError(problem)
+        if self.ct_window is not None and (problem := window_problem(self.ct_window)):
+            raise RaptorError(problem)
 
 
 _FIELD_TYPES = {

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embeddings.embedding import Embedding
+from ..embeddings.embedding import METADATA_SCHEMA, Embedding
 from ..embeddings.settings import SETTINGS_KEYS, describe_differences
 from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
+from ..fields import BOOL, DICT, EITHER, INT, LIST, NULLABLE, NUMBER, ONE_OF, SCHEMA, STR, check_fields
 from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
 from .probe_file import PROBE_SUFFIX, read_probe_file, write_probe_file
 
@@ -176,7 +177,13 @@ def read_labels(path: str | Path, label_columns: Sequence[str] | None = None) ->
     if not wanted:
         raise InputError(f"{path}: no label column besides id and split")
     ids, splits, columns = [], [], {c: [] for c in wanted}
-    for line_no, row in enumerate(reader, start=2):
+    try:
+        rows = list(enumerate(reader, start=2))
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV ({exc})") from None
+    for line_no, row in rows:
+        if None in row:  # csv.DictReader keeps the fields beyond the header under None
+            raise InputError(f"{path}: line {line_no} has {len(header) + len(row[None])} fields, the header {len(header)}")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not any(row.values()):
             continue
@@ -186,9 +193,13 @@ def read_labels(path: str | Path, label_columns: Sequence[str] | None = None) ->
         if split not in SPLITS:
             raise InputError(f"{path}: line {line_no} has split {row.get('split')!r}; use train, val or test")
         for c in wanted:
-            if row.get(c, "") == "":
+            value = row.get(c, "")
+            if value == "":
                 raise InputError(f"{path}: line {line_no} ({identifier}) has no value for {c!r}")
-            columns[c].append(row[c])
+            if _missing_marker(value):
+                raise InputError(f"{path}: line {line_no} ({identifier}) has {value!r} for {c!r}, a missing or "
+                                 "non-finite value; remove the row or give it a label")
+            columns[c].append(value)
         ids.append(identifier)
         splits.append(split)
     if not ids:
@@ -197,6 +208,20 @@ def read_labels(path: str | Path, label_columns: Sequence[str] | None = None) ->
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"{path}: id {dup!r} appears more than once")
     return Labels(path=path, ids=ids, splits=splits, columns=columns)
+
+
+def _missing_marker(value: str) -> bool:
+    """NaN, infinity, or a spreadsheet's mark for a missing value: never a class or a target."""
+    if value.upper() in ("NA", "N/A", "#N/A"):
+        return True
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+MAX_TARGET = 1e30
+"""Regression targets beyond this cannot be standardized and fitted in float64 without overflow."""
 
 
 def _as_float(values: Sequence[str]) -> np.ndarray | None:
@@ -252,9 +277,18 @@ def infer_task(labels: Labels, task: str = "auto") -> str:
         bad = next(c for c in names if not binary01[c])
         raise InputError(f"{labels.path}: multi-label column {bad!r} must hold only 0 and 1")
     if task == "regression":
-        bad = [c for c in names if numeric[c] is None]
-        if bad:
-            raise InputError(f"{labels.path}: regression target {bad[0]!r} holds a value that is not a number")
+        for c in names:
+            for n, value in enumerate(labels.columns[c]):
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = None
+                if number is None or not math.isfinite(number):
+                    raise InputError(f"{labels.path}: regression target {c!r} holds {value!r} for {labels.ids[n]!r}, "
+                                     "not a number")
+                if abs(number) > MAX_TARGET:
+                    raise InputError(f"{labels.path}: regression target {c!r} holds {value} for {labels.ids[n]!r}, "
+                                     f"beyond ±{MAX_TARGET:g}; rescale the column (e.g. to other units)")
     return task
 
 
@@ -378,6 +412,11 @@ class Probe:
 
     def apply(self, embeddings: EmbeddingSet) -> "ProbeScores":
         self.check_embedding(embeddings.metadata, _files_of(embeddings.sources))
+        finite = np.isfinite(embeddings.features).all(axis=1)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise InputError(f"{embeddings.sources[bad]}: the embedding of {embeddings.ids[bad]!r} holds NaN or "
+                             "infinite values; it cannot be scored")
         return ProbeScores(ids=list(embeddings.ids), names=self.classes, scores=self.scores(embeddings.features),
                            predicted=self.predict(embeddings.features), task=self.task)
 
@@ -417,12 +456,44 @@ class Probe:
         return _probe_from_file(path, meta, arrays)
 
 
+def _any_number(value) -> str | None:  # selection scores may be -inf or NaN for a degenerate candidate
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+
+
+_METRICS = SCHEMA({**{k: NULLABLE(NUMBER) for k in ("auc", "accuracy", "aupr", "exact_match", "r2", "mae", "rmse")},
+                   "n": INT(0), "classes_in_auc": INT(0), "labels_in_auc": INT(0),
+                   "per_target": DICT(SCHEMA({k: NULLABLE(NUMBER) for k in ("r2", "mae", "rmse")}))},
+                  required=("n",))
+_SELECTION = SCHEMA({
+    "method": ONE_OF("val", "cv"), "parameter": ONE_OF("C", "alpha"), "grid": LIST(NUMBER),
+    "chosen": EITHER(NUMBER, DICT(NUMBER), problem="must be a number, or one number per label"),
+    "scores": DICT(EITHER(_any_number, DICT(_any_number), problem="must be numbers")),
+})
+PROBE_SCHEMA = {
+    "name": STR,
+    "task": ONE_OF(*TASKS),
+    "model": ONE_OF(*MODELS),
+    "classes": LIST(STR, min_len=1),
+    "label_columns": LIST(STR),
+    "embedding": SCHEMA({k: NULLABLE(METADATA_SCHEMA[k]) for k in EMBEDDING_KEYS}, required=SETTINGS_KEYS),
+    "metrics": DICT(_METRICS),
+    "training": SCHEMA({
+        "selection": _SELECTION, "fitted_on": LIST(STR), "rows": DICT(INT(0)), "labels_file": STR, "seed": INT(),
+        "max_iter": INT(), "converged": BOOL, "standardization": STR, "hidden_layers": LIST(INT(1)),
+        "positive_class": STR, "scikit_learn": STR, "seconds": NUMBER, "created": STR, "warnings": LIST(STR),
+    }),
+    "mlp_layers": INT(0, 3),
+}
+"""The type of every ``probe.json`` field a probe uses; checked before any of them is used."""
+
+
 def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> Probe:
     """Rebuild a probe and check that its parts fit together."""
 
     def bad(reason: str) -> InputError:
         return InputError(f"{path}: invalid probe ({reason})")
 
+    check_fields(meta, PROBE_SCHEMA, str(path), required=("task", "model", "classes", "embedding"), what="probe.json")
     task, model = meta.get("task"), meta.get("model")
     if task not in TASKS:
         raise bad(f"unknown task {task!r}")
@@ -628,7 +699,7 @@ def _fit_one(model: str, task: str, design: _Design, y: np.ndarray, strength: fl
                 weight = m.coef_.astype(np.float64)
             bias = m.intercept_.astype(np.float64)
             if task == "multiclass" and weight.shape[0] != int(y.max()) + 1:
-                raise InputError("a class has no training example; every class needs some in the train split")
+                raise InputError("a class has no training example; every class needs some in the train split")  # guarded by _check_fit_rows
             out = _Fitted(weight=weight, bias=bias)
         elif model == "ridge":
             from sklearn.linear_model import Ridge
@@ -759,6 +830,22 @@ def _select(model: str, task: str, design: _Design, x_fit: np.ndarray, y_fit: np
     return best, scores
 
 
+def _check_fit_rows(task: str, y: np.ndarray, classes: list[str], where: str, rows: str) -> None:
+    """Every class (every label's two values) must occur in the rows the probe is fitted on."""
+    if task in ("binary", "multiclass"):
+        seen = set(np.unique(y).tolist())
+        lacking = [c for i, c in enumerate(classes) if i not in seen]
+        if lacking:
+            raise InputError(f"{where}: class {lacking[0]!r} has no example in the {rows} rows; every class needs "
+                             "some to be learned (or drop it, or set --task regression for numbers)")
+    elif task == "multilabel":
+        for c, name in enumerate(classes):
+            values = set(np.unique(y[:, c]).tolist())
+            if len(values) < 2:
+                raise InputError(f"{where}: label {name!r} is {int(next(iter(values), 0))} in every {rows} row; a label "
+                                 "needs both 0 and 1 to be learned (drop the column with --label-column)")
+
+
 def fit_probe(
     embeddings: EmbeddingSet,
     labels: Labels,
@@ -767,7 +854,27 @@ def fit_probe(
     progress: ProgressFn | None = None,
     cancel=None,
 ) -> FitResult:
-    """Fit a probe on the labelled embeddings; metrics for every split present."""
+    """Fit a probe on the labelled embeddings; metrics for every split present.
+
+    Inputs are checked first, each problem one line naming the labels file;
+    a solver that still fails (scikit-learn raises ``ValueError`` for
+    whatever it cannot fit) is reported the same way, never as a traceback.
+    """
+    try:
+        return _fit_probe(embeddings, labels, options, progress=progress, cancel=cancel)
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        raise InputError(f"{labels.path}: the probe could not be fitted ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from None
+
+
+def _fit_probe(
+    embeddings: EmbeddingSet,
+    labels: Labels,
+    options: FitOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    cancel=None,
+) -> FitResult:
     options = options or FitOptions()
     say = progress or (lambda message: None)
     start = time.perf_counter()
@@ -775,6 +882,10 @@ def fit_probe(
         raise RaptorError(f"select must be 'val' or 'cv' (got {options.select!r})")
     if not 2 <= options.folds <= 50:
         raise RaptorError(f"folds must be between 2 and 50 (got {options.folds})")
+    if not 1 <= options.max_iter <= 10_000_000:
+        raise RaptorError(f"max-iter must be a whole number of solver iterations from 1 (got {options.max_iter})")
+    if not 0 <= options.seed < 2**32:
+        raise RaptorError(f"seed must be between 0 and 4294967295 (got {options.seed})")
     if options.hidden and not 1 <= len(options.hidden) <= 2:
         raise RaptorError("an MLP probe has one or two hidden layers (at most three weight layers)")
     known = set(embeddings.ids)
@@ -804,6 +915,7 @@ def fit_probe(
         raise InputError(f"{where}: has no val rows to choose the regularization on; add some or use --select cv")
     fit_rows = split == "train" if options.select == "val" else np.isin(split, ("train", "val"))
     val_rows = split == "val"
+    _check_fit_rows(task, y_all[fit_rows], classes, where, "train" if options.select == "val" else "train+val")
     grid = tuple(options.alpha_grid or (RIDGE_ALPHA_GRID if model == "ridge" else MLP_ALPHA_GRID)) if model != "logistic" else tuple(options.c_grid)
     if not grid or any(not (g > 0) for g in grid):
         raise RaptorError("the regularization grid must hold positive numbers")

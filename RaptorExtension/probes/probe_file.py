@@ -34,13 +34,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..arrayfiles import ZipArchive
 from ..atomic import atomic_write
 from ..errors import InputError
+from ..fields import DICT, HEX, INT, LIST, ONE_OF, SCHEMA, STR, check_fields, is_int
 from ..version import __version__
 
 PROBE_FORMAT = "raptor-probe"
@@ -48,7 +51,9 @@ PROBE_FORMAT_VERSION = 1
 PROBE_SUFFIX = ".raptorprobe"
 METADATA_MEMBER = "probe.json"
 ARRAY_PREFIX = "arrays/"
-MAX_MEMBER_BYTES = 4 * 1024**3  # a probe of 4 GiB is a broken or hostile file
+MAX_MEMBER_BYTES = 4 << 30  # one array of 4 GiB (an MLP on 76,800 features with 6,900 hidden units) is the limit
+MAX_TOTAL_BYTES = 8 << 30  # all members together, decompressed
+MAX_METADATA_BYTES = 16 << 20  # probe.json is a few KiB; 16 MiB is a broken or hostile file
 
 
 def _array_digest(array: np.ndarray) -> str:
@@ -89,6 +94,18 @@ def write_probe_file(path: str | Path, metadata: dict, arrays: dict[str, np.ndar
     return path
 
 
+ARRAY_SPEC = SCHEMA({"dtype": ONE_OF("<f8"), "shape": LIST(INT(0), max_len=2), "sha256": HEX(64)},
+                    required=("dtype", "shape", "sha256"))
+FILE_SCHEMA = {
+    "format": STR,
+    "format_version": INT(0),
+    "software": STR,
+    "content_sha256": HEX(64),
+    "arrays": DICT(ARRAY_SPEC),
+}
+"""The file-level fields of ``probe.json``; what the probe means is checked by :mod:`.probe`."""
+
+
 def read_probe_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Read and verify a ``.raptorprobe`` file; every problem is one clear line."""
     path = Path(path)
@@ -96,39 +113,29 @@ def read_probe_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise InputError(f"{path}: no such probe file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a probe file")
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise InputError(f"{path}: not a Raptor probe (not a ZIP archive, or truncated)") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    with archive:
-        names = archive.namelist()
+    with ZipArchive(path, what="Raptor probe", max_member_bytes=MAX_MEMBER_BYTES, max_total_bytes=MAX_TOTAL_BYTES) as archive:
+        names = archive.names
         if METADATA_MEMBER not in names:
             raise InputError(f"{path}: not a Raptor probe (no {METADATA_MEMBER} inside)")
-        for info in archive.infolist():
-            if info.file_size > MAX_MEMBER_BYTES:
-                raise InputError(f"{path}: member {info.filename} is implausibly large ({info.file_size} bytes)")
-        try:
-            raw = archive.read(METADATA_MEMBER)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise InputError(f"{path}: probe metadata is corrupt ({exc})") from None
+        raw = archive.read_bytes(METADATA_MEMBER, max_bytes=MAX_METADATA_BYTES)
         try:
             meta = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise InputError(f"{path}: {METADATA_MEMBER} is not valid JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != PROBE_FORMAT:
             raise InputError(f"{path}: not a Raptor probe (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         version = meta.get("format_version")
-        if not isinstance(version, int):
-            raise InputError(f"{path}: probe has no valid format_version")
+        if not is_int(version):
+            raise InputError(f"{path}: {METADATA_MEMBER} field 'format_version' must be a whole number (found {version!r})")
         if version > PROBE_FORMAT_VERSION:
             raise InputError(f"{path}: written by a newer Raptor (probe format {version}); upgrade to read it")
-        if meta.get("content_sha256") != content_digest(meta):
+        check_fields(meta, FILE_SCHEMA, str(path), required=("content_sha256", "arrays"), what=METADATA_MEMBER)
+        if meta["content_sha256"] != content_digest(meta):
             raise InputError(f"{path}: probe metadata checksum does not match (the file was edited or corrupted)")
-        table = meta.get("arrays")
-        if not isinstance(table, dict):
-            raise InputError(f"{path}: probe metadata lists no arrays")
+        table = meta["arrays"]
+        odd = next((n for n in table if not n.replace("_", "").isalnum()), None)
+        if odd is not None:
+            raise InputError(f"{path}: array name {odd!r} in {METADATA_MEMBER} is not a plain name")
         expected_members = {METADATA_MEMBER} | {f"{ARRAY_PREFIX}{n}.npy" for n in table}
         extra = sorted(set(names) - expected_members)
         if extra:
@@ -138,19 +145,16 @@ def read_probe_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
             member = f"{ARRAY_PREFIX}{name}.npy"
             if member not in names:
                 raise InputError(f"{path}: array {name!r} is missing (truncated or edited file)")
-            try:
-                data = archive.read(member)
-                array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise InputError(f"{path}: array {name!r} is corrupt ({exc})") from None
-            except ValueError as exc:
-                raise InputError(f"{path}: array {name!r} is not a plain numeric .npy ({exc})") from None
-            if array.dtype != np.dtype(spec.get("dtype", "")) or list(array.shape) != list(spec.get("shape", [])):
+            declared = 8 * math.prod(spec["shape"])
+            if declared > MAX_MEMBER_BYTES:
+                raise InputError(f"{path}: array {name!r} declares shape {spec['shape']}, far larger than a probe needs")
+            array = archive.read_npy(member, kinds="f", max_bytes=declared)
+            if array.dtype != np.dtype(spec["dtype"]) or list(array.shape) != list(spec["shape"]):
                 raise InputError(
                     f"{path}: array {name!r} is {array.dtype}{list(array.shape)}, the metadata says "
-                    f"{spec.get('dtype')}{spec.get('shape')}"
+                    f"{spec['dtype']}{spec['shape']}"
                 )
-            if _array_digest(array) != spec.get("sha256"):
+            if _array_digest(array) != spec["sha256"]:
                 raise InputError(f"{path}: array {name!r} checksum does not match (the file was edited or corrupted)")
             if not np.isfinite(array).all():
                 raise InputError(f"{path}: array {name!r} holds NaN or infinite values")

@@ -20,6 +20,10 @@ def embed_settings_for(probe: Probe, *, model: str | None = None, device: str = 
     a hub id); the weights' hash is still checked against the probe's.
     """
     e = probe.embedding
+    lacking = [key for key in ("k", "seed", "grid") if e.get(key) is None]
+    if lacking:
+        raise RaptorError(f"{probe.label()}: records no {', '.join(lacking)} for its embeddings; "
+                          "a volume cannot be embedded the way it expects")
     preset, window = parse_preset(str(e.get("preset") or "auto"))
     planes = e.get("planes") or list(PLANES)
     return EmbedSettings(

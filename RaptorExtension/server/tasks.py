@@ -200,8 +200,11 @@ def _check_model(ctx: ServerContext, model: str | None, what: str) -> None:
 
 
 def _check_device(device: str, what: str) -> None:
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise InputError(f"{what}: device must be auto, cpu, cuda or cuda:N (got {device!r})")
+    from ..names import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        raise InputError(f"{what}: {problem}")
 
 
 def _prepare_embed(ctx: ServerContext, request: dict):

@@ -22,8 +22,9 @@ import json
 
 import numpy as np
 
-from ..embeddings.embedding import FORMAT_NAME, FORMAT_VERSION, Embedding
+from ..embeddings.embedding import FORMAT_NAME, FORMAT_VERSION, Embedding, validate_metadata
 from ..errors import InputError
+from ..fields import is_int
 
 EMBEDDING_ATTRIBUTE = "Raptor.Embedding"
 METADATA_ATTRIBUTE = "Raptor.Metadata"
@@ -99,13 +100,16 @@ def read_embedding(node) -> Embedding | None:
         raise InputError(f"{where}: {METADATA_ATTRIBUTE} is not valid JSON; embed it again") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise InputError(f"{where}: {METADATA_ATTRIBUTE} is not Raptor embedding metadata; embed it again")
-    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
+    if is_int(metadata.get("format_version")) and metadata["format_version"] > FORMAT_VERSION:
         raise InputError(f"{where}: embedded by a newer Raptor (format {metadata['format_version']}); upgrade to read it")
+    validate_metadata(metadata, f"{where} ({METADATA_ATTRIBUTE})")
     vector = decode_vector(vector_text, where)
-    if vector.size != int(metadata.get("n_features", -1)):
+    if vector.size != metadata["n_features"]:
         raise InputError(
             f"{where}: {EMBEDDING_ATTRIBUTE} has {vector.size} values, its metadata says {metadata.get('n_features')}; embed it again"
         )
+    if not np.isfinite(vector).all():
+        raise InputError(f"{where}: {EMBEDDING_ATTRIBUTE} holds NaN or infinite values; embed it again")
     return Embedding(vector=vector, metadata=metadata)
 
 

@@ -9,29 +9,43 @@ module-level functions bound with ``functools.partial``, never closures, so a
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from ..arrayfiles import ZipArchive, npy_file_header, npz_names, open_npz, read_npy_file
 from ..errors import InputError
-from .volume import Volume, VolumeRef, volume_id_from_path
+from .volume import Volume, VolumeRef, check_voxel_count, volume_id_from_path
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 
 
+VOLUME_KINDS = "iuf"
+"""Signed and unsigned integers and floats: what a volume's voxels may be."""
+MAX_NPZ_MEMBER_BYTES = 1 << 40  # an archive's arrays are also checked against their data and the voxel limit
+
+
+def _open_npz(path: str | Path) -> ZipArchive:
+    return open_npz(path, max_member_bytes=MAX_NPZ_MEMBER_BYTES, max_total_bytes=MAX_NPZ_MEMBER_BYTES)
+
+
 @functools.lru_cache(maxsize=4)
 def _npz_split(path: str, key: str, mtime: float) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        return data[key]
+    with _open_npz(path) as archive:
+        return archive.read_npy(f"{key}.npy", kinds=VOLUME_KINDS)
 
 
 def _npz_keys(path: Path) -> list[str]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(data.files)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+    with _open_npz(path) as archive:
+        return npz_names(archive)
+
+
+def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    with _open_npz(path) as archive:
+        shape, _ = archive.npy_header(f"{key}.npy", kinds=VOLUME_KINDS)
+    return shape
 
 
 SELECTOR_RE = re.compile(r"(train|val|test)(?:_(\d+)|\[(\d*):(\d*)\])?")
@@ -67,8 +81,18 @@ def select_medmnist(path: Path, selector: str | None, counts: dict[str, int]) ->
 
 
 def _split_counts(path: Path, splits: list[str], suffix: str = "images") -> dict[str, int]:
-    with np.load(path, allow_pickle=False) as data:
-        return {split: int(data[f"{split}_{suffix}"].shape[0]) for split in splits}
+    """How many volumes (or labels) each split holds, from the arrays' headers: nothing is loaded."""
+    if suffix != "images":
+        with np.load(path, allow_pickle=False) as data:
+            return {split: int(data[f"{split}_{suffix}"].shape[0]) for split in splits}
+    counts = {}
+    for split in splits:
+        shape = _npz_shape(path, f"{split}_images")
+        if len(shape) < 4:
+            raise InputError(f"{path}: {split}_images has shape {list(shape)}; MedMNIST-style volumes are (n, depth, height, width)")
+        check_voxel_count(math.prod(shape[1:]), f"{path}#{split}", tuple(shape[1:]))
+        counts[split] = int(shape[0])
+    return counts
 
 
 def medmnist_refs(path: Path, selector: str | None = None) -> list[VolumeRef]:
@@ -137,6 +161,8 @@ def _load_medmnist_volume(path: str, split: str, i: int, mtime: float) -> Volume
 
 
 def _load_plain_npz(path: Path, key: str) -> Volume:
+    shape = _npz_shape(path, key)
+    check_voxel_count(math.prod(shape), str(path), shape)
     return Volume(
         array=_npz_split(str(path), key, path.stat().st_mtime),
         ijk_to_ras=np.eye(4),
@@ -151,10 +177,7 @@ def _plain_npz_ref(path: Path, key: str) -> VolumeRef:
 
 
 def read_npy(path: Path) -> Volume:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError:
-        raise InputError(f"{path}: .npy holds Python objects, which Raptor never unpickles") from None
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable .npy file ({type(exc).__name__})") from None
+    shape, _ = npy_file_header(path, kinds=VOLUME_KINDS)
+    check_voxel_count(math.prod(shape), str(path), shape)
+    array = read_npy_file(path, kinds=VOLUME_KINDS)
     return Volume(array=array, ijk_to_ras=np.eye(4), id=volume_id_from_path(path), source=str(path), has_geometry=False)

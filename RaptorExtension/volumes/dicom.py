@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from .slicer_io import read_with_storage_node
-from .volume import Volume, volume_id_from_path
+from .volume import Volume, check_voxel_count, volume_id_from_path
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -93,7 +93,43 @@ def _make_series(members: list[tuple[Path, object]]) -> DicomSeries:
 
     ordered = sorted(members, key=lambda item: (position_along_normal(item), str(item[0])))
     info["mixed_geometry"] = _mixed_geometry_reason(ordered)
+    if not info["mixed_geometry"] and all(ds.get("ImagePositionPatient") is not None for _, ds in ordered) and (
+        orientation is not None or all(ds.get("ImageOrientationPatient") is not None for _, ds in ordered)
+    ):
+        info["mixed_geometry"] = slice_spacing_problem([(position_along_normal(item), item[0].name) for item in ordered])
     return DicomSeries(files=[str(p) for p, _ in ordered], modality=modality, info=info)
+
+
+SPACING_TOLERANCE_MM = 0.01
+"""Slices closer than this are duplicates; gaps differing by more (or by 1% of the usual gap) are uneven."""
+
+
+def slice_spacing_problem(positions: list[tuple[float, str]]) -> str:
+    """Why slices at these positions along the normal (in order) do not form an evenly spaced volume, or "".
+
+    Why: Slicer's reader stacks whatever it is given.  Two copies of each slice
+    were read as a volume of twice the slices at half the spacing, and a
+    missing slice silently stretches the volume's geometry (ITK only prints a
+    warning).  Slicer's DICOM plugin warns about both; Raptor refuses them,
+    naming the positions.
+    """
+    if len(positions) < 2:
+        return ""
+    for (a, name_a), (b, name_b) in zip(positions, positions[1:]):
+        if b - a < SPACING_TOLERANCE_MM:
+            count = sum(1 for (x, _), (y, _) in zip(positions, positions[1:]) if y - x < SPACING_TOLERANCE_MM)
+            return (f"duplicate slice positions: {name_a} and {name_b} are both at {a:.3f} mm along the slice normal "
+                    f"({count} duplicate(s) in all)")
+    gaps = np.diff([p for p, _ in positions])
+    usual = float(np.median(gaps))
+    tolerance = max(SPACING_TOLERANCE_MM, 0.01 * usual)
+    odd = np.flatnonzero(np.abs(gaps - usual) > tolerance)
+    if odd.size:
+        i = int(odd[0])
+        (a, name_a), (b, name_b) = positions[i], positions[i + 1]
+        return (f"uneven slice spacing: {gaps[i]:.3f} mm between {name_a} ({a:.3f} mm) and {name_b} ({b:.3f} mm) "
+                f"where the usual gap is {usual:.3f} mm ({odd.size} uneven gap(s); a missing or extra slice?)")
+    return ""
 
 
 def _mixed_geometry_reason(ordered: list[tuple[Path, object]]) -> str:
@@ -162,6 +198,18 @@ def _frame_count(path: str) -> int:
         return 1
 
 
+def _check_series_size(series: DicomSeries, source: str) -> None:
+    """Refuse a series whose slices declare more voxels than Raptor reads, before Slicer allocates them."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except Exception:  # pydicom raises many types; Slicer's reader then gives its own reason
+        return
+    check_voxel_count(rows * columns * len(series.files), source, (len(series.files), rows, columns))
+
+
 def read_dicom_series(series: DicomSeries, source: str, id: str | None = None) -> Volume:
     """Read one DICOM series with Slicer's reader, slices added in order."""
     if series.info.get("mixed_geometry"):
@@ -174,6 +222,7 @@ def read_dicom_series(series: DicomSeries, source: str, id: str | None = None) -
                 "series stored one slice per file: convert it to NIfTI (e.g. with dcm2niix) and embed that file"
             )
         raise InputError(f"{source}: DICOM series has a single slice, a 2D image; Raptor needs a 3D volume")
+    _check_series_size(series, source)
     for file in series.files:
         problem = pixel_data_problem(file)
         if problem:

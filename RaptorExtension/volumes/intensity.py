@@ -19,12 +19,13 @@ Presets
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import RaptorError
-from ..names import PRESETS
+from ..names import PRESETS, window_problem
 
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 MRI_PERCENTILES = (0.5, 99.5)
@@ -57,8 +58,9 @@ def resolve_preset(name: str, modality: str | None, ct_window: tuple[float, floa
         name = "ct" if mod == "CT" else "mri" if mod in ("MR", "MRI") else "minmax"
     if name == "ct":
         window = tuple(float(v) for v in (ct_window or DEFAULT_CT_WINDOW))
-        if not window[0] < window[1]:
-            raise RaptorError(f"CT window {window} must have low < high")
+        problem = window_problem(window)
+        if problem:
+            raise RaptorError(problem)
         return IntensityPreset("ct", window)  # type: ignore[arg-type]
     return IntensityPreset(name)
 
@@ -112,5 +114,8 @@ def normalize(volume: torch.Tensor, preset: IntensityPreset) -> torch.Tensor:
         raise RaptorError(f"unknown intensity preset '{preset.name}'")
     if hi <= lo:  # e.g. an MR volume whose 0.5-99.5 percentiles coincide
         lo, hi = float(volume.min()), float(volume.max())
+    if not (math.isfinite(hi - lo) and math.isfinite(1.0 / (hi - lo) if hi > lo else 1.0)):
+        raise RaptorError(f"the intensity range {lo:g} to {hi:g} ({preset.describe()}) cannot be mapped to [0, 1] "
+                          "in float32; rescale the volume")
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     return ((volume - lo) * scale).clamp_(0.0, 1.0)

@@ -31,6 +31,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -69,6 +70,67 @@ def _load_to_file(ref: VolumeRef, folder: str) -> _Handoff | Volume | RaptorErro
         return volume
     volume.array = np.empty((0, 0, 0), dtype=volume.array.dtype)
     return _Handoff(path, volume)
+
+
+def die_with_parent(cleanup: str | None = None, parent: int | None = None) -> None:
+    """Make this (child) process end when its parent does, removing ``cleanup`` (its hand-off folder) first.
+
+    Why: a ``kill -9`` of ``raptor batch`` left its loader processes (each
+    holding a few hundred MB) and multiprocessing's resource tracker alive for
+    good.  On Linux the kernel sends SIGUSR1 when the parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere, and as a second guard, a thread
+    watches the parent id.  Either way the hand-off folder on ``/dev/shm`` is
+    removed, and the resource tracker, which lives as long as some process
+    holds its pipe, exits once the loaders are gone and removes the
+    semaphores it tracks.
+    """
+    import signal
+    import threading
+
+    if parent is None:
+        parent = os.getppid()
+
+    def parent_gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:  # a killed parent with several threads stays our parent until its last thread is gone
+            with open(f"/proc/{parent}/stat", "rb") as handle:
+                return handle.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+        except (OSError, IndexError):
+            return not _alive(parent)
+
+    def leave(wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while not parent_gone() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if cleanup and parent_gone():  # never when the parent lives on: its other loaders still use the folder
+            shutil.rmtree(cleanup, ignore_errors=True)
+        os._exit(1)
+
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        try:
+            import ctypes
+
+            signal.signal(signal.SIGUSR1, lambda signum, frame: leave(5.0))
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
+        except (OSError, AttributeError, ValueError):  # no prctl: the watcher below still works
+            pass
+    if parent_gone():  # the parent died while this process was starting, before the guard was set
+        leave(0.0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                leave(0.0)
+
+    threading.Thread(target=watch, name="raptor-parent-watch", daemon=True).start()
+
+
+def _loader_init(folder: str, parent: int) -> None:
+    die_with_parent(folder, parent)
 
 
 def _receive(result: _Handoff | Volume | RaptorError) -> Volume | RaptorError:
@@ -167,7 +229,8 @@ def prefetch_in_processes(
     context = multiprocessing.get_context("spawn")
 
     def new_pool(n: int) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=context)
+        return concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_loader_init,
+                                                      initargs=(folder, os.getpid()))
 
     pool = new_pool(workers)
     pending: deque[list] = deque()  # [ref, future]

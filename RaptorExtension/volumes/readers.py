@@ -16,14 +16,14 @@ from pathlib import Path
 from ..errors import InputError
 from .arrays import medmnist_refs, read_npy
 from .dicom import dicom_folder_uid, is_dicom_file, load_dicom_folder, series_id
-from .headers import check_declared_shape
+from .headers import check_volume_file
 from .slicer_io import read_with_storage_node
 from .volume import SLICER_VOLUME_SUFFIXES, Volume, VolumeRef, volume_id_from_path
 
 
 def read_slicer_file(path: Path, id: str | None = None) -> Volume:
     """Read a NRRD, NIfTI or MetaImage file with Slicer's reader."""
-    check_declared_shape(path)
+    check_volume_file(path)
     array, ijk_to_ras = read_with_storage_node([str(path)], str(path))
     return Volume(array=array, ijk_to_ras=ijk_to_ras, id=id or volume_id_from_path(path), source=str(path))
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import temp_file_beside
-from ..errors import InputError
+from ..errors import InputError, OutputError, write_failure
 from .volume import Volume
 
 
@@ -35,6 +38,53 @@ def quiet_vtk() -> Iterator[None]:
     finally:
         vtk.vtkObject.SetGlobalWarningDisplay(warn)
         vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.ConvertToVerbosity(int(cutoff)))
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Hold what native code (ITK, MetaIO, GDCM) prints on the process's standard error while reading.
+
+    Why: ITK prints warnings such as "Non uniform sampling or missing slices
+    detected" straight to file descriptor 2, past Python and past VTK's
+    logger; a user would see them between progress bars.  The lines are
+    collected (a failed read may use the last one as its reason) instead.
+    Inside Slicer nothing is redirected: Slicer shows native output in its log.
+    """
+    lines: list[str] = []
+    slicer = sys.modules.get("slicer")
+    if hasattr(slicer, "app"):
+        yield lines
+        return
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            saved = os.dup(2)
+            sink = tempfile.TemporaryFile()
+        except OSError:
+            yield lines
+            return
+        try:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                text = sink.read(1 << 16).decode("utf-8", errors="replace")
+                for line in text.splitlines(keepends=True):
+                    if line.startswith("raptor:"):  # another thread's own message, printed meanwhile: pass it on
+                        os.write(2, line.encode("utf-8"))
+                    elif line.strip():
+                        lines.append(line.strip())
+        finally:
+            os.close(saved)
+            sink.close()
+
+
+_STDERR_LOCK = threading.Lock()
 
 
 def matrix_to_numpy(matrix) -> np.ndarray:
@@ -99,23 +149,24 @@ def read_with_storage_node(files: list[str], source: str) -> tuple[np.ndarray, n
         for f in files:
             storage.AddFileName(f)
         storage.SetSingleFile(0)
-    with quiet_vtk():
+    with quiet_vtk(), native_stderr_captured() as printed:
         ok = storage.ReadData(node)
     if not ok or node.GetImageData() is None:
-        raise InputError(f"{source}: Slicer could not read it as a volume ({_storage_reason(storage)})")
+        raise InputError(f"{source}: Slicer could not read it as a volume ({_storage_reason(storage, printed)})")
     vol = volume_from_node(node, id="", source=source)
     return vol.array, vol.ijk_to_ras
 
 
-def _storage_reason(storage) -> str:
-    """The most specific line Slicer's storage node left about a failed read."""
+def _storage_reason(storage, printed: list[str] = ()) -> str:
+    """The most specific line Slicer's storage node (or the native reader, on stderr) left about a failed read."""
     messages = storage.GetUserMessages()
     texts = [messages.GetNthMessageText(i) for i in range(messages.GetNumberOfMessages())] if messages else []
     for text in texts:
         m = re.search(r"Details: (.*)", text or "")
         if m:
             return f"corrupt or unsupported file: {m.group(1).strip().rstrip('.')}"
-    return "corrupt or unsupported file"
+    detail = next((line for line in reversed(printed) if not line.startswith(("WARNING: In", "ERROR: In"))), "")
+    return f"corrupt or unsupported file: {detail[:200]}" if detail else "corrupt or unsupported file"
 
 
 def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Path, *, what: str = "volume") -> Path:
@@ -127,7 +178,6 @@ def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Pat
     suffix = next((s for s in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd") if name.endswith(s)), None)
     if suffix is None:
         raise InputError(f"{path}: a {what} must be written as .nrrd, .nii.gz, .nii or .mha")
-    path.parent.mkdir(parents=True, exist_ok=True)
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", what)
     fill_volume_node(node, array, ijk_to_ras)
@@ -144,8 +194,11 @@ def write_volume_file(array: np.ndarray, ijk_to_ras: np.ndarray, path: str | Pat
         with quiet_vtk():
             written = storage.WriteData(node)
         if not written:
-            raise InputError(f"{path}: Slicer could not write the {what}")
-        os.replace(tmp, path)
+            raise OutputError(f"{path}: Slicer could not write the {what} (a full disk or a read-only folder?)")
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_failure(path, exc) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
