@@ -9,6 +9,7 @@ while the GPU encodes the current ones (:mod:`..volumes.prefetch`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from ..volumes.prefetch import prefetch
 from ..volumes.resample import resample_to_cube
 from ..volumes.volume import Volume, VolumeRef, validate_volume
 from .model import DEFAULT_MODEL, Encoder, load_encoder
-from .projection import GENERATOR_NAME, gaussian_projection, projection_sha256
+from .projection import PROJECTION_NAMES, make_projection
+from .slices import check_preprocess
 from .triaxial import PLANES, TriaxialEncoder, TriaxialResult
 
 DEFAULT_GRID = 256
@@ -36,7 +38,7 @@ class EmbedSettings:
     """Everything that decides an embedding's bits (and a few speed knobs that do not)."""
 
     model: str = DEFAULT_MODEL
-    k: int = 100
+    k: int | None = 100  # None: 100, or the K of projection_file
     seed: int = 0
     grid: int | str = DEFAULT_GRID
     preset: str = "auto"
@@ -44,6 +46,9 @@ class EmbedSettings:
     planes: tuple[str, ...] = PLANES
     keep_cls: bool = False
     image_size: int | None = None
+    preprocess: str = "direct"  # how a slice becomes the model's image: direct or reference (see .slices)
+    projection: str = "pcg64"  # how R is drawn from the seed: pcg64 or numpy-legacy (see .projection)
+    projection_file: str | None = None  # a user's R (.npy, d x K or K x d) instead of drawing one
     # Speed and placement only: they do not change what the embedding means.
     device: str = "auto"
     batch_size: int | None = None
@@ -60,6 +65,11 @@ class EmbedSettings:
         if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
             raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
         self.planes = tuple(self.planes)
+        check_preprocess(self.preprocess)
+        if self.projection not in PROJECTION_NAMES:
+            raise RaptorError(f"unknown projection {self.projection!r} (choose from {', '.join(PROJECTION_NAMES)})")
+        if self.projection_file is not None and self.projection != "pcg64":
+            raise RaptorError("a projector file replaces the drawn R: give --projection-file or --projection, not both")
 
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -83,14 +93,19 @@ class Embedder:
         self.encoder = encoder or load_encoder(
             s.model, device=s.device, image_size=s.image_size, cache_dir=s.cache_dir
         )
-        self.projection = gaussian_projection(s.k, self.encoder.hidden_size, s.seed)
-        self.projection_sha256 = projection_sha256(self.projection)
+        self.projector = make_projection(s.projection, s.k, self.encoder.hidden_size, s.seed, s.projection_file)
+        if s.k != self.projector.k or (s.projection_file is not None and s.seed is not None):
+            # K comes from the projector file; its seed plays no part.
+            self.settings = s = dataclasses.replace(s, k=self.projector.k, seed=self.projector.seed)
+        self.projection = self.projector.matrix  # (K, d)
+        self.projection_sha256 = self.projector.sha256
         self._projection_t = torch.from_numpy(np.array(self.projection, dtype=np.float64)).to(self.encoder.device)
         self.triaxial = TriaxialEncoder(
             self.encoder,
             planes=s.planes,
             batch_size=s.batch_size,
             dedup_constant_slices=s.dedup_constant_slices,
+            preprocess=s.preprocess,
         )
 
     # ------------------------------------------------------------------
@@ -119,12 +134,13 @@ class Embedder:
             patch_grid=e.patch_grid,
             k=s.k,
             seed=s.seed,
-            projection=GENERATOR_NAME,
-            projection_sha256=self.projection_sha256,
+            **self.projector.metadata(),
             planes=list(s.planes),
             grid=s.grid,
             preset=preset,
             keep_cls=bool(s.keep_cls),
+            preprocess=s.preprocess,
+            **({"reference_sizes": [e.image_size, e.reference_resize, e.image_size]} if s.preprocess == "reference" else {}),
             shape=list(self.feature_shape),
             n_features=self.n_features,
             layout="patch block (planes, K, p, p) in C order" + (", then CLS block (planes, d)" if s.keep_cls else ""),

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embeddings.embedding import Embedding
-from ..embeddings.settings import SETTINGS_KEYS, describe_differences
+from ..embeddings.settings import REQUIRED_SETTINGS_KEYS, SETTINGS_KEYS, describe_differences
 from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
 from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
 from .probe_file import PROBE_SUFFIX, read_probe_file, write_probe_file
@@ -424,7 +424,7 @@ def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> P
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise bad("no class or target names")
     embedding = meta.get("embedding")
-    if not isinstance(embedding, dict) or any(k not in embedding for k in SETTINGS_KEYS):
+    if not isinstance(embedding, dict) or any(k not in embedding for k in REQUIRED_SETTINGS_KEYS):
         raise bad("no embedding settings")
     for name in ("feature_mean", "feature_scale"):
         if name not in arrays or arrays[name].ndim != 1:
