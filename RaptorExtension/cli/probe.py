@@ -89,6 +89,8 @@ def add_parser(sub) -> None:
     explain.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     explain.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
+    explain.add_argument("--projection-file", default=None, metavar="R.npy",
+                         help="the projector file the probe's embeddings were made with (when they were)")
     explain.set_defaults(func=run_explain)
 
 
@@ -184,7 +186,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  selection   {selection.get('parameter', '?')}={selection.get('chosen')} by {selection.get('method')}")
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
-          f"keep_cls={e.get('keep_cls')}, {probe.n_features} features")
+          f"keep_cls={e.get('keep_cls')}, preprocess={e.get('preprocess') or 'direct'}, {probe.n_features} features")
     print(metrics_table(probe.metrics, probe.task))
     return 0
 
@@ -203,7 +205,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise RaptorError(f"{args.probe}: is an MLP probe; only linear probes (logistic, ridge) can be explained exactly")
     volume = read_volume(args.volume)
     settings = embed_settings_for(probe, model=args.model, device=args.device, batch_size=args.batch_size,
-                                  cache_dir=args.cache_dir)
+                                  cache_dir=args.cache_dir, projection_file=args.projection_file)
     if not settings.model:
         raise RaptorError(f"{args.probe}: records no model; pass --model")
     print(f"raptor: loading model {settings.model}", file=sys.stderr)

@@ -23,7 +23,7 @@ from ..embeddings.settings import settings_hash
 from ..errors import RaptorError
 from ..volumes.intensity import IntensityPreset, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
-from ..volumes.resample import resample_to_cube
+from ..volumes.resample import resample_array_to_cube
 from ..volumes.volume import Volume, VolumeRef, validate_volume
 from .model import DEFAULT_MODEL, Encoder, load_encoder
 from .projection import PROJECTION_NAMES, make_projection
@@ -157,7 +157,7 @@ class Embedder:
         if s.grid == "native":
             cube, cube_to_ras = data, None
         else:
-            cube, cube_to_ras = resample_to_cube(data, volume.ijk_to_ras, int(s.grid))
+            cube, cube_to_ras = resample_array_to_cube(data, volume.ijk_to_ras, int(s.grid), volume.has_geometry)
         return PreparedVolume(volume, cube, cube_to_ras, preset)
 
     def finish(self, prepared: PreparedVolume, result: TriaxialResult, seconds: float) -> Embedding:

@@ -157,17 +157,18 @@ def load_projection_file(path: str | Path, d: int, k: int | None = None) -> Proj
         raise InputError(f"{path}: no such projector file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if data.startswith(b"PK"):
+        raise InputError(f"{path}: is an .npz archive; a projector is one array saved with numpy.save (.npy)")
+    if not data.startswith(b"\x93NUMPY"):
+        raise InputError(f"{path}: not a .npy array (save R with numpy.save)")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise InputError(f"{path}: holds Python objects, which Raptor never unpickles") from None
-        raise InputError(f"{path}: not a .npy array (save R with numpy.save)") from None
-    except Exception:
-        raise InputError(f"{path}: not a .npy array (save R with numpy.save)") from None
-    if not isinstance(array, np.ndarray):
-        array.close()
-        raise InputError(f"{path}: is an .npz archive; a projector is one array saved with numpy.save (.npy)")
+        raise InputError(f"{path}: not a readable .npy array ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__})") from None
     if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
         raise InputError(f"{path}: holds {array.dtype} values; a projector holds float32 or float64 numbers")
     if array.ndim != 2:
