@@ -11,6 +11,8 @@ compared is the per-plane mean of the patch tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,40 @@ def test_embedder_records_the_recipe(tiny_encoder):
     assert a.metadata["settings_hash"] != b.metadata["settings_hash"]
     with pytest.raises(RaptorError, match="unknown slice preprocessing"):
         EmbedSettings(preprocess="paper")
+
+
+def test_cli_records_the_recipe_and_refuses_mixing(tiny_model_dir, tmp_path, capsys):
+    from RaptorExtension.cli import main
+    from RaptorExtension.embeddings.table import read_table
+
+    path = tmp_path / "vol.npy"
+    np.save(path, synthetic_volume((10, 12, 14)))
+    csv_path = tmp_path / "t.csv"
+    base = ["embed", str(path), "--model", str(tiny_model_dir), "--k", "4", "--grid", "12", "-q", "--csv", str(csv_path)]
+    assert main([*base, "--preprocess", "reference"]) == 0
+    assert read_table(csv_path).settings["preprocess"] == "reference"
+    assert main(base) == 1  # the default recipe into a table of reference embeddings
+    assert "preprocess 'reference' vs 'direct'" in capsys.readouterr().err
+
+
+def test_explain_embeds_with_the_probe_recipe_and_projection(tiny_encoder, tmp_path):
+    from helpers import random_probe
+
+    from RaptorExtension.probes.explain import embed_settings_for
+
+    reference = Embedder(EmbedSettings(model="tiny", k=4, grid=12, preprocess="reference", projection="numpy-legacy",
+                                       seed=7), encoder=tiny_encoder)
+    settings = embed_settings_for(random_probe(reference))
+    assert (settings.preprocess, settings.projection, settings.seed) == ("reference", "numpy-legacy", 7)
+    np.random.seed(0)
+    np.save(tmp_path / "r.npy", np.random.randn(tiny_encoder.hidden_size, 4))
+    filed = Embedder(EmbedSettings(model="tiny", k=None, grid=12, projection_file=str(tmp_path / "r.npy")),
+                     encoder=tiny_encoder)
+    probe = random_probe(filed)
+    with pytest.raises(RaptorError, match="made with a projector file .*pass that file with --projection-file"):
+        embed_settings_for(probe)
+    settings = embed_settings_for(probe, projection_file=str(tmp_path / "r.npy"))
+    again = Embedder(dataclasses.replace(settings, model="tiny"), encoder=tiny_encoder)
+    probe.check_embedding(dict(again.embed_volume(Volume(array=synthetic_volume((10, 12, 14)), ijk_to_ras=np.eye(4),
+                                                         id="v", source="v")).settings(),
+                               n_features=again.n_features), "v")
