@@ -24,6 +24,7 @@ from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
 from RaptorExtension.encoding.slices import pil_bicubic_8bit, reference_resize, reference_slices, reference_stretch
 from RaptorExtension.encoding.triaxial import TriaxialEncoder
 from RaptorExtension.errors import RaptorError
+from RaptorExtension.volumes.intensity import normalize, resolve_preset
 from RaptorExtension.volumes.volume import Volume
 
 A = -0.75  # PyTorch's bicubic coefficient (PIL uses -0.5)
@@ -191,7 +192,8 @@ def test_imgfocus_dinov2_equals_independent_reference(imgfocus_model_dir):
     assert encoder.reference_resize == 256 and encoder.image_size == 224
     with np.load(path, allow_pickle=False) as data:
         array = data["test_images"][0]
-    cube = np.clip(array.astype(np.float32) / 256.0, 0, 1)
+    cube = normalize(torch.from_numpy(array.astype(np.float32)), resolve_preset("uint8-256", None)).numpy()
+    assert np.array_equal(cube, np.clip(array.astype(np.float32) / 256, 0, 1))  # the reference's MedMNIST scaling
     # The axial plane only (28 slices at 224 px) keeps this test to seconds; the tiny model covers all three.
     got = ours_plane_means(encoder, cube, planes=("axial",))
     want = independent_plane_means(encoder, cube, axes=(0,))[0]
