@@ -20,7 +20,11 @@ from RaptorExtension.embeddings.settings import (
     settings_hash,
     settings_of,
 )
-from RaptorExtension.embeddings.stream import StreamingAppender, TableAppender, index_table
+from RaptorExtension.embeddings.stream import (
+    StreamingAppender,
+    TableAppender,
+    index_table,
+)
 from RaptorExtension.embeddings.table import read_table
 from RaptorExtension.encoding.projection import GENERATOR_NAME
 from RaptorExtension.errors import MetadataMismatch
@@ -156,3 +160,17 @@ def test_old_probe_files_still_load_and_check(tmp_path, tiny_encoder):
     with pytest.raises(MetadataMismatch, match="preprocess 'direct' vs 'reference'"):
         loaded.check_embedding(dict(settings_of(reference.settings_metadata("minmax")), n_features=embedder.n_features),
                                "reference")
+
+
+def test_worker_parts_of_a_resumed_old_table_take_its_columns(tmp_path):
+    """Several-GPU batches write parts that are later copied row by row into the table: same columns."""
+    from RaptorExtension.embeddings.stream import effective_header
+
+    path = tmp_path / "old.csv"
+    old_table(path)
+    new = header_for(embedding())
+    assert effective_header(path, new) == path.read_text().splitlines()[0].split(",")
+    assert effective_header(tmp_path / "none.csv", new) == new
+    other = tmp_path / "other.csv"
+    other.write_text("id,something,e0\n")
+    assert effective_header(other, new) == new  # not an older form: the appender will name the difference

@@ -21,7 +21,12 @@ from PIL import Image
 
 from RaptorExtension.encoding.model import load_encoder
 from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
-from RaptorExtension.encoding.slices import pil_bicubic_8bit, reference_resize, reference_slices, reference_stretch
+from RaptorExtension.encoding.slices import (
+    pil_bicubic_8bit,
+    reference_resize,
+    reference_slices,
+    reference_stretch,
+)
 from RaptorExtension.encoding.triaxial import TriaxialEncoder
 from RaptorExtension.errors import RaptorError
 from RaptorExtension.volumes.intensity import normalize, resolve_preset

@@ -46,6 +46,12 @@ def reference_projector(path, d: int, k: int, seed: int = 0):
     return path
 
 
+def save_npz_as(path, **arrays) -> None:
+    """An .npz archive under a .npy name (numpy.savez would append .npz to the name)."""
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
 def test_numpy_legacy_equals_a_reference_projector_file_bit_for_bit(tiny_encoder, volume, tmp_path):
     path = reference_projector(tmp_path / "proj_k8.npy", D, 8, seed=0)
     legacy = Embedder(EmbedSettings(model="tiny", k=8, seed=0, grid=12, projection="numpy-legacy"), encoder=tiny_encoder)
@@ -97,7 +103,7 @@ def test_default_projection_is_unchanged():
         (lambda p: np.save(p, np.ones(D)), "a projector is a 2-D"),
         (lambda p: np.save(p, np.array([{"r": 1}], dtype=object), allow_pickle=True), "never unpickles"),
         (lambda p: p.write_bytes(b"not an array"), "not a .npy array"),
-        (lambda p: np.savez(open(p, "wb"), r=np.ones((D, 4))), "is an .npz archive"),
+        (lambda p: save_npz_as(p, r=np.ones((D, 4))), "is an .npz archive"),
     ],
 )
 def test_bad_projector_files_are_refused(tmp_path, make, message):

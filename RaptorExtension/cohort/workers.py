@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..embeddings.settings import check_compatible
-from ..embeddings.stream import StreamingAppender, effective_header, index_table, iter_rows, repair_tail
+from ..embeddings.stream import (
+    StreamingAppender,
+    effective_header,
+    index_table,
+    iter_rows,
+    repair_tail,
+)
 from ..errors import Cancelled, MetadataMismatch, RaptorError
 from .job import BatchJob, BatchSummary, workers_dir_for
 from .plan import Plan, PlannedSeries, header_for_job

@@ -36,7 +36,12 @@ from .csv_format import (
     row_settings,
 )
 from .embedding import Embedding
-from .settings import ADDED_SETTINGS, REQUIRED_SETTINGS_KEYS, check_compatible, settings_of
+from .settings import (
+    ADDED_SETTINGS,
+    REQUIRED_SETTINGS_KEYS,
+    check_compatible,
+    settings_of,
+)
 
 PREFIX_PARSE_BYTES = 1 << 16  # identifying columns are far shorter than this
 FORMAT_CHUNK = 2048  # floats formatted per C call (about half a millisecond)

@@ -110,7 +110,7 @@ def reference_resize(image_size: int, preprocessor: dict | None) -> int:
         return int(size["shortest_edge"])
     if size.get("height") == image_size and size.get("width") == image_size and not cropping:
         return image_size
-    return int(round(image_size * REFERENCE_RESIZE_RATIO))
+    return round(image_size * REFERENCE_RESIZE_RATIO)
 
 
 __all__ = ["direct_slices", "reference_slices", "reference_stretch", "pil_bicubic_8bit", "reference_resize", "check_preprocess"]
