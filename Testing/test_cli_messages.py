@@ -69,7 +69,11 @@ def test_k_help_states_its_default():
     for command in ("embed", "batch"):
         sub = parser._subparsers._group_actions[0].choices[command]
         k = next(a for a in sub._actions if "--k" in a.option_strings)
-        assert k.default == 100 and "default 100" in k.help
+        # None lets a --projection-file decide K; without one, EmbedSettings makes it 100.
+        assert k.default is None and "default 100" in k.help
+    from RaptorExtension.encoding.settings import EmbedSettings
+
+    assert EmbedSettings().k == 100
 
 
 def test_explain_slices_default_agrees_between_help_code_and_readme():

@@ -113,3 +113,33 @@ def test_an_unreachable_server_or_a_wrong_token_is_one_line(raptor_server, tiny_
         errors = [line for line in done.stderr.splitlines() if line.startswith("raptor: error:")]
         assert len(errors) == 1 and ("cannot reach" in errors[0] or "refused the token" in errors[0]), done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_projector_file_travels_to_the_server(raptor_server, tiny_model_dir, tmp_path, capsys):
+    """The server never sees the client's disk: --projection-file is uploaded, and embed and explain use it."""
+    from RaptorExtension.encoding.model import load_encoder
+
+    d = load_encoder(str(tiny_model_dir), device="cpu").hidden_size
+    projector = tmp_path / "R.npy"
+    np.save(projector, np.random.default_rng(3).standard_normal((d, 5)))
+    volume = write_volume(tmp_path / "v.nrrd", synthetic_volume(seed=4), oblique_matrix())
+    args = [str(volume), "--model", str(tiny_model_dir), "--grid", "16", "--device", "cpu", "-q",
+            "--projection-file", str(projector)]
+    assert main(["embed", *args, "-o", str(tmp_path / "local")]) == 0
+    server = ["--server", raptor_server.url, "--token-file", token_file(raptor_server, tmp_path)]
+    assert main(["embed", *args, "-o", str(tmp_path / "remote"), *server]) == 0
+    local, remote = Embedding.load(tmp_path / "local" / "v.npz"), Embedding.load(tmp_path / "remote" / "v.npz")
+    assert local.metadata["k"] == remote.metadata["k"] == 5
+    assert local.vector.tobytes() == remote.vector.tobytes() and local.settings() == remote.settings()
+    probe_path = random_probe(Embedder(EmbedSettings(model=str(tiny_model_dir), k=None, grid=16, device="cpu",
+                                                     projection_file=str(projector))),
+                              task="binary", classes=("normal", "finding")).save(tmp_path / "p.raptorprobe")
+    explain = ["explain", str(probe_path), str(volume), "--device", "cpu", *server]
+    assert main([*explain, "-o", str(tmp_path / "no.png")]) == 1  # the probe's R is not on the server
+    assert "pass that file with --projection-file" in capsys.readouterr().err
+    assert main([*explain, "-o", str(tmp_path / "yes.png"), "--projection-file", str(projector)]) == 0
+    # A file that is not a .npy never reaches the model.
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    assert main(["embed", str(volume), "--model", str(tiny_model_dir), "--grid", "16", "-q", "-o", str(tmp_path / "x"),
+                 "--projection-file", str(tmp_path / "bad.npy"), *server]) == 1
+    assert "is not a projector file" in capsys.readouterr().err

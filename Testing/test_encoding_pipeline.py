@@ -130,17 +130,17 @@ def test_out_of_memory_halves_the_batch_then_reports(tiny_encoder, volume, monke
     want = embedder.embed_volume(volume).vector
     real = type(tiny_encoder).tokens
 
-    def small_batches_only(self, slices):
+    def small_batches_only(self, slices, *recipe):
         if slices.shape[0] > 4:
             raise torch.OutOfMemoryError("simulated")
-        return real(self, slices)
+        return real(self, slices, *recipe)
 
     monkeypatch.setattr(type(tiny_encoder), "tokens", small_batches_only)
     got = embedder.embed_volume(volume).vector
     assert embedder.triaxial.batch_size == 4
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
-    def always(self, slices):
+    def always(self, slices, *recipe):
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setattr(type(tiny_encoder), "tokens", always)

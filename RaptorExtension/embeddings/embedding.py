@@ -24,6 +24,7 @@ from ..arrayfiles import npz_names, open_npz
 from ..atomic import atomic_write
 from ..errors import InputError, RaptorError
 from ..fields import BOOL, DICT, EITHER, INT, LIST, NULLABLE, NUMBER, ONE_OF, STR, check_fields, is_int
+from ..names import PREPROCESS_CHOICES
 from ..version import __version__
 from .settings import settings_of
 
@@ -102,13 +103,14 @@ METADATA_SCHEMA = {
     "image_size": INT(1),
     "patch_grid": INT(1),
     "k": INT(1),
-    "seed": INT(),
+    "seed": NULLABLE(INT()),  # None: R came from a projector file
     "projection": STR,
     "projection_sha256": STR,
     "planes": LIST(ONE_OF("axial", "coronal", "sagittal"), min_len=1, max_len=3),
     "grid": EITHER(INT(2), ONE_OF("native"), problem="must be a whole number of voxels or 'native'"),
     "preset": STR,
     "keep_cls": BOOL,
+    "preprocess": ONE_OF(*PREPROCESS_CHOICES),
     "shape": LIST(INT(1), min_len=4, max_len=4),
     "n_features": INT(1),
     "layout": STR,

@@ -33,10 +33,16 @@ from .csv_format import (
     embedding_row,
     header_for,
     meta_value,
-    parse_setting,
+    missing_setting_columns,
+    row_settings,
 )
 from .embedding import Embedding
-from .settings import SETTINGS_KEYS, check_compatible, settings_of
+from .settings import (
+    ADDED_SETTINGS,
+    REQUIRED_SETTINGS_KEYS,
+    check_compatible,
+    settings_of,
+)
 
 PREFIX_PARSE_BYTES = 1 << 16  # identifying columns are far shorter than this
 FORMAT_CHUNK = 2048  # floats formatted per C call (about half a millisecond)
@@ -114,12 +120,6 @@ def first_feature_column(header: Sequence[str], path: Path | str) -> int:
     raise InputError(f"{path}: no feature columns e0..eN")
 
 
-def _row_settings(prefix: dict[str, str], where: str = "the table") -> dict:
-    settings = {k: parse_setting(k, prefix.get(k, ""), where) for k in SETTINGS_KEYS}
-    settings["encoder"] = prefix.get("encoder", "")
-    return settings
-
-
 def _split_prefix(raw: bytes, header: list[str], n_prefix: int, path: Path, line_no: int) -> list[str]:
     """The fields before ``e0``, checking the row has exactly the header's number of columns."""
     expected = len(header)
@@ -184,7 +184,7 @@ def index_table(path: str | Path, *, allow_torn_tail: bool = False, keep: Sequen
     n_prefix = first_feature_column(header, path)
     names = header[:n_prefix]
     index = TableIndex(path=path, header=list(header), prefix_columns={k: [] for k in keep if k in names})
-    has_settings = all(k in names for k in SETTINGS_KEYS)
+    has_settings = all(k in names for k in REQUIRED_SETTINGS_KEYS)
     seen: set[str] = set()
     for line_no, offset, raw, prefix in rows:
         values = dict(zip(names, prefix))
@@ -193,7 +193,7 @@ def index_table(path: str | Path, *, allow_torn_tail: bool = False, keep: Sequen
             raise InputError(f"{path}: id {row_id!r} appears more than once (line {line_no})")
         seen.add(row_id)
         if has_settings:
-            settings = _row_settings(values, f"{path}: line {line_no}")
+            settings = row_settings(values, f"{path}: line {line_no}")
             if index.settings is None:
                 index.settings = settings
             else:
@@ -247,6 +247,8 @@ class TableAppender:
     def append(self, embedding: Embedding, extra: dict | None = None) -> None:
         if self.settings is not None:
             check_compatible(self.settings, settings_of(embedding.metadata), f"{self.path} vs {embedding.id}")
+        if self.header is not None:
+            _refuse_lost_settings(self.path, self.header, settings_of(embedding.metadata))
         text = ""
         if self.header is None:
             self.header = header_for(embedding, self.extra_columns)
@@ -286,7 +288,12 @@ class StreamingAppender(TableAppender):
                     check_compatible(existing.settings, settings, f"{self.path} (existing rows) vs this run")
                 self.settings = existing.settings
             if existing.header != self.header:
-                raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
+                if not _older_header(existing.header, self.header):
+                    raise MetadataMismatch(_header_difference(self.path, existing.header, self.header))
+                # A table from before some settings existed: append in its own columns, which
+                # is lossless as long as this run uses those settings' defaults.
+                _refuse_lost_settings(self.path, existing.header, settings or {})
+                self.header = existing.header
             self.ids = set(existing.ids)
         else:
             atomic_write_text(self.path, csv_line(self.header))
@@ -357,6 +364,35 @@ def append_durably(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def effective_header(path: str | Path, header: list[str]) -> list[str]:
+    """The header rows for ``path`` get: its own when it is an older form of ``header``, else ``header``."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return list(header)
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    if not first.endswith(b"\n"):
+        return list(header)
+    found = next(csv.reader([first.decode("utf-8", errors="replace").rstrip("\r\n")]), [])
+    return found if found != header and _older_header(found, header) else list(header)
+
+
+def _older_header(found: list[str], wanted: list[str]) -> bool:
+    """True when ``found`` is ``wanted`` less some added settings' columns (a table from an older release)."""
+    return [h for h in wanted if h not in ADDED_SETTINGS or h in found] == found
+
+
+def _refuse_lost_settings(path: Path, header: Sequence[str], settings: dict) -> None:
+    lost = missing_setting_columns(header, settings)
+    if lost:
+        full = {**ADDED_SETTINGS, **{k: v for k, v in settings.items() if v not in (None, "")}}
+        raise MetadataMismatch(
+            f"{path}: was written before the {', '.join(lost)} setting existed (so with "
+            + ", ".join(f"{k} {ADDED_SETTINGS[k]}" for k in lost)
+            + "); this run uses " + ", ".join(f"{k} {full[k]}" for k in lost) + "; use another output file"
+        )
+
+
 def _header_difference(path: Path, found: list[str], wanted: list[str]) -> str:
     n_found = sum(1 for h in found if FEATURE_RE.match(h))
     n_wanted = sum(1 for h in wanted if FEATURE_RE.match(h))
@@ -368,4 +404,4 @@ def _header_difference(path: Path, found: list[str], wanted: list[str]) -> str:
     return f"{path}: was written with other columns ({detail}); use another output file"
 
 
-__all__ = ["TableAppender", "repair_tail", "index_table", "iter_rows", "TableIndex", "StreamingAppender", "read_line_at", "first_feature_column"]
+__all__ = ["effective_header", "TableAppender", "repair_tail", "index_table", "iter_rows", "TableIndex", "StreamingAppender", "read_line_at", "first_feature_column"]

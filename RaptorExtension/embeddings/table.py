@@ -19,10 +19,10 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import InputError
-from .csv_format import FEATURE_RE, csv_line, embedding_row, feature_columns, header_for, parse_setting
+from .csv_format import FEATURE_RE, csv_line, embedding_row, feature_columns, header_for, row_settings
 from .embedding import Embedding
 from .feature_block import read_feature_rows
-from .settings import SETTINGS_KEYS, check_compatible
+from .settings import REQUIRED_SETTINGS_KEYS, check_compatible
 
 
 def write_table(path: str | Path, embeddings: Sequence[Embedding], extras: Sequence[dict] | None = None) -> Path:
@@ -103,15 +103,13 @@ def read_table(path: str | Path, *, require_settings: bool = True) -> Table:
         dup = next(i for i in ids if counts[i] > 1)
         raise InputError(f"{path}: id {dup!r} appears more than once")
     settings = None
-    if all(k in columns for k in SETTINGS_KEYS) and ids:
-        settings = {k: parse_setting(k, columns[k][0], f"{path}: line 2") for k in SETTINGS_KEYS}
-        settings["encoder"] = columns["encoder"][0] if "encoder" in columns else ""
+    if all(k in columns for k in REQUIRED_SETTINGS_KEYS) and ids:
+        settings = row_settings({k: v[0] for k, v in columns.items()}, f"{path}: line 2")
         for r in range(1, len(ids)):
-            row_settings = {k: parse_setting(k, columns[k][r], f"{path}: row {ids[r]!r}") for k in SETTINGS_KEYS}
-            row_settings["encoder"] = columns["encoder"][r] if "encoder" in columns else ""
-            check_compatible(settings, row_settings, f"{path}: row {ids[r]!r} vs row {ids[0]!r}")
+            check_compatible(settings, row_settings({k: v[r] for k, v in columns.items()}, f"{path}: row {ids[r]!r}"),
+                             f"{path}: row {ids[r]!r} vs row {ids[0]!r}")
     elif require_settings and ids:
-        missing = [k for k in SETTINGS_KEYS if k not in columns]
+        missing = [k for k in REQUIRED_SETTINGS_KEYS if k not in columns]
         raise InputError(f"{path}: lacks the embedding metadata columns {', '.join(missing)}")
     finite = np.isfinite(features).all(axis=1)
     if not finite.all():  # Raptor never writes one: an edited or damaged row would give NaN scores

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..names import DEFAULT_MODEL, KNOWN_MODELS, OFFLINE_MODEL
+from .slices import check_preprocess, direct_slices, reference_resize, reference_slices
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,6 +75,8 @@ class Encoder:
     std: tuple[float, float, float]
     device: torch.device
     dtype: torch.dtype
+    reference_resize: int = 256
+    """Shorter side the model's image processor resizes to before its centre crop (``--preprocess reference``)."""
 
     @property
     def patch_grid(self) -> int:
@@ -85,23 +87,28 @@ class Encoder:
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
-    def preprocess(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) slices in [0, 1] -> (B, 3, S, S) normalized model input, on the device."""
+    def preprocess(self, slices: torch.Tensor, recipe: str = "direct") -> torch.Tensor:
+        """(B, H, W) slices in [0, 1] -> (B, 3, S, S) normalized model input, on the device.
+
+        ``recipe`` is ``direct`` or ``reference`` (see :mod:`.slices`); either way
+        the grey image is repeated to three channels and normalized with the
+        model's own mean and std.
+        """
         x = slices.to(self.device, torch.float32).unsqueeze(1)
-        size = (self.image_size, self.image_size)
-        if tuple(x.shape[-2:]) != size:
-            downsampling = x.shape[-1] > size[1] or x.shape[-2] > size[0]
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downsampling)
+        if check_preprocess(recipe) == "reference":
+            x = reference_slices(x, self.image_size, self.reference_resize)
+        else:
+            x = direct_slices(x, self.image_size)
         x = (x.expand(-1, 3, -1, -1) - self._mean) / self._std
         return x.to(self.dtype)
 
     @torch.inference_mode()
-    def tokens(self, slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, slices: torch.Tensor, recipe: str = "direct") -> tuple[torch.Tensor, torch.Tensor]:
         """CLS (B, d) and patch tokens (B, p*p, d), float32, for (B, H, W) slices in [0, 1].
 
         Register tokens (DINOv2-reg, DINOv3) are dropped.
         """
-        out = self.model(pixel_values=self.preprocess(slices))
+        out = self.model(pixel_values=self.preprocess(slices, recipe))
         seq = out.last_hidden_state
         expected = self.num_prefix_tokens + self.patch_grid**2
         if seq.shape[1] != expected:
@@ -173,6 +180,7 @@ def encoder_from_model(
         std=std,  # type: ignore[arg-type]
         device=dev,
         dtype=dt,
+        reference_resize=reference_resize(int(image_size), pre),
     )
 
 

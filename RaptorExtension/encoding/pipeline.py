@@ -9,6 +9,7 @@ while the GPU encodes the current ones (:mod:`..volumes.prefetch`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from ..embeddings.settings import check_compatible, settings_hash
 from ..errors import RaptorError
 from ..volumes.intensity import IntensityPreset, ct_hint, normalize, resolve_preset
 from ..volumes.prefetch import prefetch
-from ..volumes.resample import resample_to_cube
+from ..volumes.resample import resample_array_to_cube
 from ..volumes.volume import Volume, VolumeRef, torch_ready, validate_volume
 from .model import Encoder, load_encoder
-from .projection import GENERATOR_NAME, gaussian_projection, projection_sha256
+from .projection import PROJECTION_NAMES, make_projection
 from .settings import DEFAULT_GRID, EmbedSettings
 from .triaxial import TriaxialEncoder, TriaxialResult
 
@@ -40,8 +41,11 @@ def settings_known_before_loading(settings: EmbedSettings, preset: str | None = 
     unless asked for, the image size come with the model; the preset is known
     when it is set, or when the caller resolved ``auto`` (pass it as ``preset``).
     """
-    known = {"format_version": FORMAT_VERSION, "k": int(settings.k), "seed": int(settings.seed),
-             "planes": list(settings.planes), "grid": settings.grid, "keep_cls": bool(settings.keep_cls)}
+    known = {"format_version": FORMAT_VERSION, "planes": list(settings.planes), "grid": settings.grid,
+             "keep_cls": bool(settings.keep_cls), "preprocess": settings.preprocess}
+    if settings.projection_file is None:  # a projector file decides K (and R) only once it is read
+        known.update({"k": int(settings.k if settings.k is not None else 100), "seed": int(settings.seed),
+                      "projection": PROJECTION_NAMES[settings.projection]})
     if settings.image_size:
         known["image_size"] = int(settings.image_size)
     if preset is None and (settings.preset or "auto").lower() != "auto":
@@ -75,14 +79,19 @@ class Embedder:
         self.encoder = encoder or load_encoder(
             s.model, device=s.device, image_size=s.image_size, cache_dir=s.cache_dir
         )
-        self.projection = gaussian_projection(s.k, self.encoder.hidden_size, s.seed)
-        self.projection_sha256 = projection_sha256(self.projection)
+        self.projector = make_projection(s.projection, s.k, self.encoder.hidden_size, s.seed, s.projection_file)
+        if s.k != self.projector.k or (s.projection_file is not None and s.seed is not None):
+            # K comes from the projector file; its seed plays no part.
+            self.settings = s = dataclasses.replace(s, k=self.projector.k, seed=self.projector.seed)
+        self.projection = self.projector.matrix  # (K, d)
+        self.projection_sha256 = self.projector.sha256
         self._projection_t = torch.from_numpy(np.array(self.projection, dtype=np.float64)).to(self.encoder.device)
         self.triaxial = TriaxialEncoder(
             self.encoder,
             planes=s.planes,
             batch_size=s.batch_size,
             dedup_constant_slices=s.dedup_constant_slices,
+            preprocess=s.preprocess,
         )
         self.notice: Callable[[str], None] | None = None
         """Called with a one-line hint (e.g. a CT file without modality under ``--preset auto``), once per embedder."""
@@ -116,12 +125,13 @@ class Embedder:
             patch_grid=e.patch_grid,
             k=s.k,
             seed=s.seed,
-            projection=GENERATOR_NAME,
-            projection_sha256=self.projection_sha256,
+            **self.projector.metadata(),
             planes=list(s.planes),
             grid=s.grid,
             preset=preset,
             keep_cls=bool(s.keep_cls),
+            preprocess=s.preprocess,
+            **({"reference_sizes": [e.image_size, e.reference_resize, e.image_size]} if s.preprocess == "reference" else {}),
             shape=list(self.feature_shape),
             n_features=self.n_features,
             layout="patch block (planes, K, p, p) in C order" + (", then CLS block (planes, d)" if s.keep_cls else ""),
@@ -144,7 +154,7 @@ class Embedder:
         if s.grid == "native":
             cube, cube_to_ras = data, None
         else:
-            cube, cube_to_ras = resample_to_cube(data, volume.ijk_to_ras, int(s.grid))
+            cube, cube_to_ras = resample_array_to_cube(data, volume.ijk_to_ras, int(s.grid), volume.has_geometry)
         return PreparedVolume(volume, cube, cube_to_ras, preset)
 
     def finish(self, prepared: PreparedVolume, result: TriaxialResult, seconds: float) -> Embedding:

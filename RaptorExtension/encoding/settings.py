@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import RaptorError
-from ..names import DEFAULT_MODEL, PLANES, device_problem, window_problem
+from ..names import DEFAULT_MODEL, PLANES, PREPROCESS_CHOICES, PROJECTIONS, device_problem, window_problem
 
 DEFAULT_GRID = 256
 
@@ -21,7 +21,7 @@ class EmbedSettings:
     """Everything that decides an embedding's bits (and a few speed knobs that do not)."""
 
     model: str = DEFAULT_MODEL
-    k: int = 100
+    k: int | None = 100  # None: 100, or the K of projection_file
     seed: int = 0
     grid: int | str = DEFAULT_GRID
     preset: str = "auto"
@@ -29,6 +29,9 @@ class EmbedSettings:
     planes: tuple[str, ...] = PLANES
     keep_cls: bool = False
     image_size: int | None = None
+    preprocess: str = "direct"  # how a slice becomes the model's image: direct or reference (see .slices)
+    projection: str = "pcg64"  # how R is drawn from the seed: pcg64 or numpy-legacy (see .projection)
+    projection_file: str | None = None  # a user's R (.npy, d x K or K x d) instead of drawing one
     # Speed and placement only: they do not change what the embedding means.
     device: str = "auto"
     batch_size: int | None = None
@@ -45,6 +48,14 @@ class EmbedSettings:
         if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
             raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
         self.planes = tuple(self.planes)
+        if self.preprocess not in PREPROCESS_CHOICES:
+            raise RaptorError(
+                f"unknown slice preprocessing {self.preprocess!r} (choose from {', '.join(PREPROCESS_CHOICES)})"
+            )
+        if self.projection not in PROJECTIONS:
+            raise RaptorError(f"unknown projection {self.projection!r} (choose from {', '.join(PROJECTIONS)})")
+        if self.projection_file is not None and self.projection != "pcg64":
+            raise RaptorError("a projector file replaces the drawn R: give --projection-file or --projection, not both")
         problem = device_problem(str(self.device))
         if problem:
             raise RaptorError(problem)
@@ -54,7 +65,7 @@ class EmbedSettings:
 
 _FIELD_TYPES = {
     "model": (str,),
-    "k": (int,),
+    "k": (int, type(None)),
     "seed": (int,),
     "grid": (int, str),
     "preset": (str,),
@@ -62,6 +73,9 @@ _FIELD_TYPES = {
     "planes": (list, tuple),
     "keep_cls": (bool,),
     "image_size": (int, type(None)),
+    "preprocess": (str,),
+    "projection": (str,),
+    "projection_file": (str, type(None)),
     "device": (str,),
     "batch_size": (int, type(None)),
     "dedup_constant_slices": (bool,),

@@ -7,8 +7,10 @@ This is the hot loop.  Its design choices:
 * Only running sums are kept (float64, per volume and plane: p*p x d), never
   the tokens of all slices of a volume.
 * A slice that is exactly constant (air, or padding around a scan) gives the
-  same tokens for the same value, so each constant value is encoded once per
-  encoder and reused; the result is the same embedding as encoding every slice.
+  same tokens for the same value and shape, so each constant slice is encoded
+  once per encoder and reused (built at the slice's own shape, so it goes
+  through the same resizing); the result is the same embedding as encoding
+  every slice.
 * A CUDA out-of-memory error halves the batch and retries; at a batch of one
   it becomes a clear error.
 * ``cancel`` is checked before every batch, so a cancel takes effect within
@@ -27,6 +29,7 @@ import torch
 from ..errors import Cancelled, ModelError
 from ..names import PLANES
 from .model import Encoder
+from .slices import check_preprocess
 
 
 class CancelToken(Protocol):
@@ -76,8 +79,10 @@ class TriaxialEncoder:
         batch_size: int | None = None,
         dedup_constant_slices: bool = True,
         max_cached_constants: int = 64,
+        preprocess: str = "direct",
     ) -> None:
         self.encoder = encoder
+        self.preprocess = check_preprocess(preprocess)
         self.planes = tuple(planes)
         unknown = [p for p in self.planes if p not in PLANES]
         if unknown or not self.planes or len(set(self.planes)) != len(self.planes):
@@ -85,7 +90,7 @@ class TriaxialEncoder:
         self.plane_axes = tuple(PLANES.index(p) for p in self.planes)
         self.batch_size = batch_size or (128 if encoder.device.type == "cuda" else 16)
         self.dedup = dedup_constant_slices
-        self._constants: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[tuple[float, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_constants = max_cached_constants
         self.encoded_slices = 0  # slices that went through the model (for benchmarks)
         self.reused_slices = 0  # constant slices served from the cache
@@ -101,7 +106,7 @@ class TriaxialEncoder:
                 raise Cancelled()
             size = min(self.batch_size, n - start)
             try:
-                cls, patch = self.encoder.tokens(slices[start : start + size])
+                cls, patch = self.encoder.tokens(slices[start : start + size], self.preprocess)
             except torch.OutOfMemoryError:
                 if self.encoder.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -117,27 +122,27 @@ class TriaxialEncoder:
             start += size
         return torch.cat(outs_cls), torch.cat(outs_patch)
 
-    def constant_slice_tokens(self, value: float, cancel: CancelToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS (d,) and patch tokens (p*p, d) of a slice that is ``value`` throughout.
+    def constant_slice_tokens(self, value: float, shape: tuple[int, int],
+                              cancel: CancelToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS (d,) and patch tokens (p*p, d) of a ``shape`` slice that is ``value`` throughout.
 
         The very tensors a constant slice of a volume is served from, so a
         reference computed from them matches such a slice bit for bit.
         """
-        return self._constant_tokens([float(value)], cancel)[0]
+        return self._constant_tokens([float(value)], tuple(shape), cancel)[0]
 
-    def _constant_tokens(self, values: list[float], cancel) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        missing = [v for v in dict.fromkeys(values) if v not in self._constants]
+    def _constant_tokens(self, values: list[float], shape: tuple[int, int], cancel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Tokens of constant slices of ``shape`` with these values, each value encoded once."""
+        keys = [(v, *shape) for v in values]
+        missing = [key for key in dict.fromkeys(keys) if key not in self._constants]
         if missing:
-            side = self.encoder.image_size
-            images = torch.tensor(missing, dtype=torch.float32, device=self.encoder.device).view(-1, 1, 1).expand(
-                -1, side, side
-            )
-            cls, patch = self._forward(images, cancel)
+            images = torch.tensor([key[0] for key in missing], dtype=torch.float32, device=self.encoder.device)
+            cls, patch = self._forward(images.view(-1, 1, 1).expand(-1, *shape), cancel)
             if len(self._constants) + len(missing) > self._max_constants:
                 self._constants.clear()
-            for i, v in enumerate(missing):
-                self._constants[v] = (cls[i], patch[i])
-        return [self._constants[v] for v in values]
+            for i, key in enumerate(missing):
+                self._constants[key] = (cls[i], patch[i])
+        return [self._constants[key] for key in keys]
 
     # ------------------------------------------------------------------
     def encode(
@@ -251,7 +256,8 @@ class TriaxialEncoder:
             return [(0, n_slices)]
         values = lo.cpu().numpy()
         const_idx = np.flatnonzero(constant)
-        tokens = self._constant_tokens([float(values[i]) for i in const_idx], cancel)
+        shape = tuple(int(cube.shape[a]) for a in other)
+        tokens = self._constant_tokens([float(values[i]) for i in const_idx], shape, cancel)
         for i, (cls, patch) in zip(const_idx, tokens):
             state.patches[slot] += patch.to(torch.float64)
             state.cls[slot] += cls.to(torch.float64)

@@ -355,9 +355,14 @@ def explain_volume(
 
     # The background reference: an empty slice, encoded (once) exactly as the encoder encodes constant slices,
     # and dotted the same way, so a background slice of the volume contributes exactly 0.
-    bg_cls_tokens, bg_patch_tokens = embedder.triaxial.constant_slice_tokens(BACKGROUND_VALUE, cancel)
-    bg_patch = np.stack([dot_patch(bg_patch_tokens[None], i)[:, 0] for i in range(n_planes)], axis=1)
-    bg_cls = np.stack([dot_cls(bg_cls_tokens[None], i)[:, 0] for i in range(n_planes)], axis=1) if keep_cls else None
+    # Constant slices are encoded at their plane's own slice shape, so the reference is too.
+    background = [
+        embedder.triaxial.constant_slice_tokens(
+            BACKGROUND_VALUE, tuple(int(prepared.cube.shape[a]) for a in range(3) if a != axis), cancel)
+        for axis in plane_axes
+    ]
+    bg_patch = np.stack([dot_patch(background[i][1][None], i)[:, 0] for i in range(n_planes)], axis=1)
+    bg_cls = np.stack([dot_cls(background[i][0][None], i)[:, 0] for i in range(n_planes)], axis=1) if keep_cls else None
     references = {"background": (bg_patch, bg_cls), "mean": (m_patch, m_cls if keep_cls else None)}
 
     cube = prepared.cube

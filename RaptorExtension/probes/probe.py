@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embeddings.embedding import METADATA_SCHEMA, Embedding
-from ..embeddings.settings import SETTINGS_KEYS, describe_differences
+from ..embeddings.settings import REQUIRED_SETTINGS_KEYS, SETTINGS_KEYS, describe_differences
 from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
 from ..fields import BOOL, DICT, EITHER, INT, LIST, NULLABLE, NUMBER, ONE_OF, SCHEMA, STR, check_fields
 from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
@@ -475,7 +475,7 @@ PROBE_SCHEMA = {
     "model": ONE_OF(*MODELS),
     "classes": LIST(STR, min_len=1),
     "label_columns": LIST(STR),
-    "embedding": SCHEMA({k: NULLABLE(METADATA_SCHEMA[k]) for k in EMBEDDING_KEYS}, required=SETTINGS_KEYS),
+    "embedding": SCHEMA({k: NULLABLE(METADATA_SCHEMA[k]) for k in EMBEDDING_KEYS}, required=REQUIRED_SETTINGS_KEYS),
     "metrics": DICT(_METRICS),
     "training": SCHEMA({
         "selection": _SELECTION, "fitted_on": LIST(STR), "rows": DICT(INT(0)), "labels_file": STR, "seed": INT(),
@@ -503,7 +503,7 @@ def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> P
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise bad("no class or target names")
     embedding = meta.get("embedding")
-    if not isinstance(embedding, dict) or any(k not in embedding for k in SETTINGS_KEYS):
+    if not isinstance(embedding, dict) or any(k not in embedding for k in REQUIRED_SETTINGS_KEYS):
         raise bad("no embedding settings")
     for name in ("feature_mean", "feature_scale"):
         if name not in arrays or arrays[name].ndim != 1:

@@ -6,6 +6,8 @@ before anything is installed or sent to a server.
 
 from __future__ import annotations
 
+from ..embeddings.settings import with_defaults
+from ..encoding.projection import FILE_PROJECTION, PROJECTION_NAMES
 from ..encoding.settings import EmbedSettings
 from ..errors import RaptorError
 from ..names import PLANES
@@ -13,23 +15,41 @@ from .probe import Probe
 
 
 def embed_settings_for(probe: Probe, *, model: str | None = None, device: str = "auto", batch_size: int | None = None,
-                       cache_dir: str | None = None) -> EmbedSettings:
+                       cache_dir: str | None = None, projection_file: str | None = None) -> EmbedSettings:
     """The embedding settings a probe was fitted with, to embed a new volume the same way.
 
     ``model`` overrides where the weights come from (a local folder instead of
-    a hub id); the weights' hash is still checked against the probe's.
+    a hub id); the weights' hash is still checked against the probe's.  A probe
+    fitted on embeddings made with a projector file needs that file
+    (``projection_file``); its SHA-256 is checked against the probe's.
     """
-    e = probe.embedding
-    lacking = [key for key in ("k", "seed", "grid") if e.get(key) is None]
+    e = with_defaults(probe.embedding)
+    needed = ("k", "grid") if e.get("projection") == FILE_PROJECTION else ("k", "seed", "grid")  # a file's R has no seed
+    lacking = [key for key in needed if e.get(key) is None]
     if lacking:
         raise RaptorError(f"{probe.label()}: records no {', '.join(lacking)} for its embeddings; "
                           "a volume cannot be embedded the way it expects")
     preset, window = parse_preset(str(e.get("preset") or "auto"))
     planes = e.get("planes") or list(PLANES)
+    methods = {name: method for method, name in PROJECTION_NAMES.items()}
+    if e["projection"] == FILE_PROJECTION:
+        if projection_file is None:
+            raise RaptorError(
+                f"{probe.label()}: was fitted on embeddings made with a projector file (R's SHA-256 "
+                f"{str(e.get('projection_sha256'))[:12]}…); pass that file with --projection-file"
+            )
+        method, seed = "pcg64", 0
+    elif e["projection"] in methods:
+        method, seed = methods[e["projection"]], int(e["seed"])
+    else:
+        raise RaptorError(f"{probe.label()}: records an unknown projection {e['projection']!r}")
     return EmbedSettings(
         model=model or str(e.get("encoder") or ""),
         k=int(e["k"]),
-        seed=int(e["seed"]),
+        seed=seed,
+        projection=method,
+        projection_file=projection_file,
+        preprocess=str(e["preprocess"]),
         grid=e["grid"],
         preset=preset,
         ct_window=window,

@@ -10,7 +10,7 @@ PREFIX = f"/{API_VERSION}"
 TOKEN_ENV = "RAPTOR_TOKEN"
 """Environment variable holding the bearer token (never pass a token on a command line: ``ps`` shows it)."""
 UPLOAD_SIZE_HEADER = "X-Raptor-Upload-Size"
-UPLOAD_PURPOSES = ("volume", "probe", "table", "labels")
+UPLOAD_PURPOSES = ("volume", "probe", "table", "labels", "projection")
 
 KINDS = ("embed", "explain", "fit", "batch", "describe", "import_model")
 LANES = {"embed": "interactive", "explain": "interactive", "fit": "interactive", "describe": "interactive",

@@ -110,10 +110,30 @@ def send_volume(client: RaptorClient, ref: VolumeRef) -> dict:
 
 
 def server_settings(settings: EmbedSettings) -> dict:
-    """The settings as a server takes them: its own model cache, so no ``cache_dir``."""
+    """The settings as a server takes them: its own model cache, so no ``cache_dir``.
+
+    A ``projection_file`` stays a path, which the server reads from its own
+    disk; :func:`settings_request` uploads it instead.
+    """
     data = settings_to_json(settings)
     data.pop("cache_dir", None)
     return data
+
+
+def projection_upload(client: RaptorClient, path: str | Path | None) -> dict:
+    """The request field that carries a user's projector file to the server (empty when there is none)."""
+    if path is None:
+        return {}
+    return {"projection_file": {"upload": file_sender(path, "projection").run(client)}}
+
+
+def settings_request(client: RaptorClient, settings: EmbedSettings) -> dict:
+    """The ``settings`` of a request, with the projector file (if any) uploaded rather than named."""
+    data = server_settings(settings)
+    if settings.projection_file is None:
+        return {"settings": data}
+    data["projection_file"] = None
+    return {"settings": data, **projection_upload(client, settings.projection_file)}
 
 
 class RemoteEmbedder:
@@ -123,11 +143,18 @@ class RemoteEmbedder:
         self.client = client
         self.settings = settings
         self._described: dict[str, dict] = {}
+        self._settings_request: dict | None = None
+
+    def _settings_fields(self) -> dict:
+        """Sent with every job; a projector file is uploaded once and named by its upload id after that."""
+        if self._settings_request is None:
+            self._settings_request = settings_request(self.client, self.settings)
+        return self._settings_request
 
     def describe(self, preset: str = "") -> dict:
         """The server's metadata for these settings (it loads the model once; later jobs reuse it)."""
         if preset not in self._described:
-            job = self.client.submit({"kind": "describe", "settings": server_settings(self.settings), "preset": preset})
+            job = self.client.submit({"kind": "describe", **self._settings_fields(), "preset": preset})
             snapshot = finished_or_raise(self.client.wait(job["id"]), "describe")
             self._described[preset] = snapshot["result"]
         return self._described[preset]
@@ -147,7 +174,7 @@ class RemoteEmbedder:
         """Send each volume, embed it on the server, fetch the ``.npz``; a volume that fails yields its error."""
         for ref in refs:
             try:
-                request = {"kind": "embed", "settings": server_settings(self.settings), **send_volume(self.client, ref)}
+                request = {"kind": "embed", **self._settings_fields(), **send_volume(self.client, ref)}
                 job = self.client.submit(request)
 
                 def report(snapshot: dict, volume_id: str = ref.id) -> None:
@@ -191,4 +218,5 @@ def embedding_from_bytes(payload: bytes, what: str) -> Embedding:
 
 
 __all__ = ["PieceSender", "file_sender", "volume_sender", "volume_info", "send_volume", "server_settings",
+           "projection_upload", "settings_request",
            "RemoteEmbedder", "embedding_from_bytes", "is_self_contained_file"]

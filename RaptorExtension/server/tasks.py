@@ -190,7 +190,20 @@ def _settings(ctx: ServerContext, request: dict, what: str = "settings"):
         raise InputError(f"{what}: cache_dir is the server's own choice (raptor serve --cache-dir)")
     _check_device(settings.device, what)
     _check_model(ctx, settings.model, what)
+    settings.projection_file = _projection_file(ctx, request, settings.projection_file, what)
     return settings
+
+
+def _projection_file(ctx: ServerContext, request: dict, in_settings: str | None, what: str) -> str | None:
+    """A user's projector: an upload named by the request's ``projection_file``, or a path the server may read."""
+    ref = request.get("projection_file")
+    if ref is not None:
+        if in_settings is not None:
+            raise InputError(f"{what}: give the projector file once, in the request or in the settings")
+        return str(input_path(ctx, ref, "projection", f"{what} projection_file"))
+    if in_settings is not None:
+        return str(allowed_path(ctx, in_settings, f"{what} projection_file"))
+    return None
 
 
 def _check_model(ctx: ServerContext, model: str | None, what: str) -> None:
@@ -297,6 +310,7 @@ def _prepare_explain(ctx: ServerContext, request: dict):
     baseline = _field(request, "baseline", str, what, "background")
     if baseline not in ("background", "mean"):
         raise InputError(f"{what}: 'baseline' must be background or mean")
+    projection_file = _projection_file(ctx, request, None, what)
 
     def run(job: Job) -> None:
         from ..atomic import atomic_write_text
@@ -306,7 +320,8 @@ def _prepare_explain(ctx: ServerContext, request: dict):
         from ..probes.probe_settings import embed_settings_for
         from ..volumes.slicer_io import write_volume_file
 
-        settings = embed_settings_for(probe, model=model, device=device, batch_size=batch_size)
+        settings = embed_settings_for(probe, model=model, device=device, batch_size=batch_size,
+                                      projection_file=projection_file)
         if not settings.model:
             raise InputError(f"probe {probe.label()}: records no model; pass one")
         embedder = _embedder(job, ctx, settings)

@@ -112,6 +112,11 @@ class Uploads:
                     raise InputError(f"{what}: is not a .raptorprobe file (not a ZIP)")
                 upload.kind = "probe"
                 final = upload.path.with_name(upload.id + ".raptorprobe")
+            elif upload.purpose == "projection":
+                if not head.startswith(b"\x93NUMPY"):
+                    raise InputError(f"{what}: is not a projector file (a .npy array)")
+                upload.kind = "npy"
+                final = upload.path.with_name(upload.id + ".npy")
             else:
                 try:
                     head.decode("utf-8")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..embeddings.embedding import Embedding
 from ..errors import InputError
-from ..names import KNOWN_MODELS, PRESETS
+from ..names import KNOWN_MODELS, PREPROCESS_CHOICES, PRESETS
 
 if TYPE_CHECKING:
     from ..encoding.settings import EmbedSettings
@@ -50,6 +50,7 @@ def settings_from_choices(
     device: str = "auto",
     keep_cls: bool = False,
     cache_dir: str | None = None,
+    preprocess: str = "direct",
 ) -> "EmbedSettings":
     """The engine settings for what the panel shows (the widget only gathers these values).
 
@@ -75,13 +76,15 @@ def settings_from_choices(
         raise InputError(f"unknown model '{model}' (choose from {', '.join(MODEL_CHOICES)} or {OTHER_MODEL_CHOICE})")
     if preset not in PRESET_CHOICES:
         raise InputError(f"unknown intensity preset '{preset}' (choose from {', '.join(PRESET_CHOICES)})")
+    if preprocess not in PREPROCESS_CHOICES:
+        raise InputError(f"unknown slice recipe '{preprocess}' (choose from {', '.join(PREPROCESS_CHOICES)})")
     if device not in DEVICE_CHOICES and not str(device).startswith("cuda:"):
         raise InputError(f"unknown device '{device}' (choose from {', '.join(DEVICE_CHOICES)})")
     if int(k) < 1:
         raise InputError(f"K must be at least 1 (got {k})")
     return EmbedSettings(
         model=model, k=int(k), seed=int(seed), grid=int(grid), preset=preset, device=device,
-        keep_cls=bool(keep_cls), cache_dir=cache_dir,
+        keep_cls=bool(keep_cls), cache_dir=cache_dir, preprocess=preprocess,
     )
 
 
@@ -106,8 +109,9 @@ def describe_embedding(embedding: Embedding) -> str:
     meta = embedding.metadata
     shape = "x".join(str(s) for s in meta.get("shape", []))
     cls = " + CLS" if meta.get("keep_cls") else ""
+    recipe = ", reference slices" if meta.get("preprocess") == "reference" else ""
     return (
         f"{meta.get('encoder', '?')} | K={meta.get('k')} seed={meta.get('seed')} | "
-        f"{shape}{cls} = {embedding.vector.size:,} values | grid {meta.get('grid')}, preset {meta.get('preset')} | "
+        f"{shape}{cls} = {embedding.vector.size:,} values | grid {meta.get('grid')}, preset {meta.get('preset')}{recipe} | "
         f"{format_seconds(meta.get('seconds') or 0)} on {meta.get('device', '?')} ({meta.get('precision', '?')})"
     )

@@ -14,6 +14,8 @@ Presets
               intensities have no absolute scale.
   ``minmax``  the volume's minimum to maximum.
   ``uint8``   divide by 255 (MedMNIST and other 8-bit data).
+  ``uint8-256`` divide by 256 and clip, as the authors' reference code does for
+              MedMNIST (255 becomes 0.996); for reproducing its embeddings.
 ``auto`` picks ``ct`` for DICOM Modality CT, ``mri`` for MR, else ``minmax``.
 """
 
@@ -110,6 +112,8 @@ def normalize(volume: torch.Tensor, preset: IntensityPreset) -> torch.Tensor:
         lo, hi = float(volume.min()), float(volume.max())
     elif preset.name == "uint8":
         lo, hi = 0.0, 255.0
+    elif preset.name == "uint8-256":
+        lo, hi = 0.0, 256.0
     else:  # pragma: no cover - resolve_preset guards this
         raise RaptorError(f"unknown intensity preset '{preset.name}'")
     if hi <= lo:  # e.g. an MR volume whose 0.5-99.5 percentiles coincide

@@ -16,6 +16,12 @@ patient right on the image left), ``cube[:, a1]`` a coronal and
 Padding: voxels outside the input are filled with 0 *after* intensity
 normalization, i.e. the bottom of the window (air for the ``ct`` preset,
 black for the others).
+
+Arrays without geometry (``.npy``, MedMNIST ``.npz``): their axes are not
+anatomical directions, so the cube keeps the array's own axis order and
+direction, as ``--grid native`` does (cube axis 0 = array axis 0, in the same
+direction).  Reading the identity matrix as RAS would flip all three axes,
+because the cube's axes run towards inferior, posterior and left.
 """
 
 from __future__ import annotations
@@ -43,6 +49,24 @@ def cube_geometry(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int], grid:
     return cube
 
 
+ARRAY_AXES = np.diag([-1.0, -1.0, -1.0, 1.0])
+"""Where an array without geometry is placed for resampling: its i, j, k run along the cube's own axes."""
+
+
+def resample_array_to_cube(volume: torch.Tensor, ijk_to_ras: np.ndarray, grid: int,
+                           has_geometry: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`resample_to_cube`, keeping the axes of an array without geometry (see the module).
+
+    The cube's matrix is returned in the volume's own frame either way, so
+    mapping back (``inv(cube) @ ijk_to_ras``) goes to the voxels it came from.
+    """
+    if has_geometry:
+        return resample_to_cube(volume, ijk_to_ras, grid)
+    placed = ARRAY_AXES @ np.asarray(ijk_to_ras, dtype=np.float64)
+    cube, cube_to_placed = resample_to_cube(volume, placed, grid)
+    return cube, np.linalg.inv(ARRAY_AXES) @ cube_to_placed
+
+
 def resample_to_cube(volume: torch.Tensor, ijk_to_ras: np.ndarray, grid: int) -> tuple[torch.Tensor, np.ndarray]:
     """Trilinear resampling of a (K, J, I) tensor onto the RAS-aligned ``grid``^3 cube.
 
@@ -54,6 +78,9 @@ def resample_to_cube(volume: torch.Tensor, ijk_to_ras: np.ndarray, grid: int) ->
     cube_to_ras = cube_geometry(ijk_to_ras, shape, grid)
     # Voxel index of the input at each cube index: a 4x4 affine, composed in float64.
     t = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)) @ cube_to_ras
+    if shape == (grid, grid, grid) and np.array_equal(t, np.eye(4)):
+        # The cube is the input's own grid (e.g. a 28^3 array at --grid 28): nothing to interpolate.
+        return volume.to(torch.float32), cube_to_ras
     dev = volume.device
     idx = torch.arange(grid, device=dev, dtype=torch.float64)
     # ijk_input[c] = t[c,0]*i + t[c,1]*j + t[c,2]*k + t[c,3]; cube array order is [k, j, i].
