@@ -23,6 +23,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _threshold(text: str) -> str:
+    from ..probes.metrics import parse_threshold
+
+    try:
+        parse_threshold(text)
+    except RaptorError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -55,10 +65,22 @@ def add_parser(sub) -> None:
     fit.add_argument("--alpha-grid", type=_floats, default=None, help="penalties for ridge/mlp")
     fit.add_argument("--hidden", type=_ints, default=(256,), help="MLP hidden widths, one or two layers (default 256)")
     fit.add_argument("--positive", default=None, help="positive class of a binary task (default: the second sorted)")
+    fit.add_argument("--threshold", type=_threshold, default=None,
+                     help="operating threshold of binary and multi-label probes, chosen on val (or on out-of-fold "
+                          "predictions with --select cv): youden (default), sensitivity:0.95, specificity:0.90, a "
+                          "probability such as 0.3, or none (0.5)")
+    fit.add_argument("--class-weight", default="none", choices=("none", "balanced"),
+                     help="balanced: weight classes by inverse frequency (default none)")
+    fit.add_argument("--calibrate", default="none", choices=("none", "sigmoid", "isotonic"),
+                     help="calibrated probabilities, fitted on out-of-fold predictions (default none)")
+    fit.add_argument("--bootstrap", type=int, default=1000,
+                     help="bootstrap resamples for the 95%% confidence intervals (default 1000, seeded by --seed; 0: none)")
     fit.add_argument("--seed", type=int, default=0, help="seed for CV folds and the MLP (default 0)")
     fit.add_argument("--max-iter", type=int, default=3000, help="solver iterations (default 3000)")
     fit.add_argument("--report", default=None, help="metrics JSON (default OUTPUT stem + _metrics.json)")
     fit.add_argument("--plot", default=None, help="ROC / predicted-vs-true PNG (default OUTPUT stem + _roc.png or _pred.png)")
+    fit.add_argument("--reliability-plot", default=None,
+                     help="reliability diagram PNG of a classification probe (default OUTPUT stem + _reliability.png)")
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the metrics table")
     fit.set_defaults(func=run_fit)
 
@@ -106,6 +128,7 @@ def run_fit(args: argparse.Namespace) -> int:
         CLASSIFICATION_TASKS,
         metrics_table,
         plot_pred_vs_true,
+        plot_reliability,
         plot_roc,
     )
     from ..probes.probe import (
@@ -123,31 +146,77 @@ def run_fit(args: argparse.Namespace) -> int:
     options = FitOptions(
         task=args.task, model=args.probe_model, select=args.select, folds=args.folds,
         c_grid=args.c_grid or PAPER_C_GRID, alpha_grid=args.alpha_grid, hidden=tuple(args.hidden),
-        seed=args.seed, max_iter=args.max_iter, positive=args.positive,
+        seed=args.seed, max_iter=args.max_iter, positive=args.positive, threshold=args.threshold,
+        class_weight=None if args.class_weight == "none" else args.class_weight,
+        calibrate=None if args.calibrate == "none" else args.calibrate, bootstrap=args.bootstrap,
     )
     result = fit_probe(embeddings, labels, options, progress=say)
     probe = result.probe
     probe.name = output.name.removesuffix(".raptorprobe")
     probe.save(output)
     report = Path(args.report) if args.report else Path(f"{_stem(output)}_metrics.json")
-    atomic_write_text(report, json.dumps({"task": probe.task, "model": probe.model, "classes": probe.classes,
-                                          "selection": probe.training.get("selection"), "metrics": probe.metrics,
-                                          "warnings": result.warnings},
-                                         indent=2, sort_keys=True) + "\n")
+    summary = {"task": probe.task, "model": probe.model, "classes": probe.classes,
+               "selection": probe.training.get("selection"), "metrics": probe.metrics, "warnings": result.warnings}
+    if probe.thresholds is not None:
+        summary["threshold"] = {**probe.threshold_info, "values": probe.thresholds, "names": probe.threshold_names}
+        summary["operating_points"] = probe.operating_points()
+    if probe.task in CLASSIFICATION_TASKS:
+        summary["class_weight"] = probe.training.get("class_weight")
+        summary["calibration"] = probe.training.get("calibration")
+    atomic_write_text(report, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    written = [output, report]
     if probe.task in CLASSIFICATION_TASKS:
         plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_roc.png")
-        plot_roc(plot, probe.task, result.predictions, probe.classes)
+        in_sample = probe.training["fitted_on"]
+        written.append(plot_roc(plot, probe.task, result.predictions, probe.classes, probe.thresholds, in_sample))
+        reliability = Path(args.reliability_plot) if args.reliability_plot else Path(f"{_stem(output)}_reliability.png")
+        written.append(plot_reliability(reliability, probe.task, result.predictions, probe.classes,
+                                        in_sample=in_sample))
     else:
         plot = Path(args.plot) if args.plot else Path(f"{_stem(output)}_pred.png")
-        plot_pred_vs_true(plot, result.predictions, probe.classes)
+        written.append(plot_pred_vs_true(plot, result.predictions, probe.classes))
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
+    for line in _decision_lines(probe):
+        print(line)
     print(metrics_table(probe.metrics, probe.task))
     for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
         print(f"raptor: warning: {warning}", file=sys.stderr)
-    print(f"raptor: wrote {output}, {report}, {plot}", file=sys.stderr)
+    print(f"raptor: wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
     return 0
+
+
+def _rate(point: dict, key: str) -> str:
+    """A rate with its 95% interval, e.g. ``0.812 (0.710-0.900)``."""
+    if point[key] is None:
+        return "-"
+    ci = point[f"{key}_ci95"]
+    return f"{point[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def _decision_lines(probe) -> list[str]:
+    """How the probe decides: its threshold(s) and how they were set, its class weighting and calibration."""
+    lines = []
+    if probe.thresholds is not None:
+        info = probe.threshold_info
+        criterion = info.get("criterion", "none")
+        how = {"youden": "Youden's J (sensitivity + specificity - 1) maximized",
+               "sensitivity": f"sensitivity at least {info.get('target')}",
+               "specificity": f"specificity at least {info.get('target')}",
+               "fixed": "fixed", "none": "0.5, not chosen on data"}.get(criterion, str(criterion))
+        where = f", chosen on {info['chosen_on']} ({info.get('rows')} rows)" if info.get("chosen_on") else ""
+        values = ", ".join(f"p({name}) >= {t:.4g}" for name, t in zip(probe.threshold_names, probe.thresholds))
+        lines.append(f"decides {values}: {how}{where}")
+    weighting = probe.training.get("class_weight")
+    calibration = probe.training.get("calibration") or ({"method": probe.calibration.method}
+                                                         if probe.calibration is not None else None)
+    if weighting or calibration:
+        parts = ([f"class weight {weighting}"] if weighting else []) + (
+            [f"{calibration['method']} calibration" + (f" on {calibration['fitted_on']}" if calibration.get("fitted_on")
+                                                        else "")] if calibration else [])
+        lines.append("; ".join(parts))
+    return lines
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -155,6 +224,8 @@ def run_apply(args: argparse.Namespace) -> int:
     from ..probes.probe import Probe, load_embeddings
 
     probe = Probe.load(args.probe)
+    for note in probe.notes:
+        print(f"raptor: note: {note}", file=sys.stderr)
     embeddings = load_embeddings(args.embeddings)
     scores = probe.apply(embeddings)
     text = scores.to_csv()
@@ -185,6 +256,16 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
           f"keep_cls={e.get('keep_cls')}, {probe.n_features} features")
+    for line in _decision_lines(probe):
+        print(f"  decision    {line}")
+    for name, point in probe.operating_points().items():
+        if point["split"] is None:
+            continue
+        marked = " (in-sample)" if point["in_sample"] else ""
+        print(f"  at p({name}) >= {point['threshold']:.4g}: sensitivity {_rate(point, 'sensitivity')}, specificity "
+              f"{_rate(point, 'specificity')} on {point['split']}{marked}, n={point['n']}")
+    for note in probe.notes:
+        print(f"  note        {note}")
     print(metrics_table(probe.metrics, probe.task))
     return 0
 
