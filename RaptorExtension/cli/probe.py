@@ -266,7 +266,10 @@ def run_info(args: argparse.Namespace) -> int:
               f"{_rate(point, 'specificity')} on {point['split']}{marked}, n={point['n']}")
     for note in probe.notes:
         print(f"  note        {note}")
-    print(metrics_table(probe.metrics, probe.task))
+    fitted_on = probe.training.get("fitted_on") or []  # older files do not mark in-sample splits themselves
+    shown = {split: ({"in_sample": split in fitted_on, **values} if isinstance(values, dict) else values)
+             for split, values in probe.metrics.items()}
+    print(metrics_table(shown, probe.task))
     return 0
 
 
