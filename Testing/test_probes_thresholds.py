@@ -334,6 +334,9 @@ def test_old_probe_files_still_load_and_decide_at_one_half(tmp_path, capsys):
     meta, _ = read_probe_file(binary.save(tmp_path / "resaved.raptorprobe"))
     assert meta["format_version"] == 2 and meta["threshold"]["criterion"] == "none" and meta["threshold"]["values"] == [0.5]
     assert Probe.load(tmp_path / "resaved.raptorprobe").notes == []
+    binary.threshold = [0.3]  # set by hand: saved as a fixed threshold
+    again = Probe.load(binary.save(tmp_path / "fixed.raptorprobe"))
+    assert again.thresholds == [0.3] and again.threshold_info["criterion"] == "fixed"
 
 
 def _rewritten(path: Path, out: Path, change) -> Path:
@@ -357,8 +360,9 @@ def calibrated_file(tmp_path_factory) -> Path:
     (lambda m, a: m["threshold"].update(values=[0.2, 0.3]), r"threshold values must be 1 probabilities"),
     (lambda m, a: m["threshold"].update(values=["0.2"]), r"threshold values must be 1 probabilities"),
     (lambda m, a: m["threshold"].update(criterion="magic"), r"unknown threshold criterion 'magic'"),
-    (lambda m, a: m["threshold"].update(criterion="sensitivity", target=None), r"threshold criterion sensitivity needs target"),
+    (lambda m, a: m["threshold"].update(criterion="sensitivity", target=None), r"threshold criterion sensitivity needs a target"),
     (lambda m, a: m["threshold"].update(target=7), r"threshold target 7 is not a rate"),
+    (lambda m, a: m["threshold"].update(target=0.5), r"threshold criterion youden takes no target"),
     (lambda m, a: m.update(threshold="0.3"), r"threshold must be an object"),
     (lambda m, a: (m.update(task="multiclass", classes=["a", "b"]), a.update(weight=np.vstack([a["weight"]] * 2),
                                                                           bias=np.concatenate([a["bias"]] * 2))),

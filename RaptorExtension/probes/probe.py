@@ -497,7 +497,8 @@ class Probe:
             "mlp_layers": len(self.mlp_weights),
         }
         if self.thresholds is not None:
-            info = dict(self.threshold_info) or {"criterion": "none", "target": None, "chosen_on": None}
+            info = dict(self.threshold_info) or {"criterion": "none" if self.threshold is None else "fixed",
+                                                 "target": None, "chosen_on": None}
             meta["threshold"] = {**info, "values": [float(t) for t in self.thresholds]}
         if self.calibration is not None:
             meta["calibration"] = {"method": self.calibration.method, "outputs": self.calibration.outputs}
@@ -600,8 +601,10 @@ def _read_threshold(probe: Probe, meta: dict, bad: Callable[[str], InputError]) 
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or not 0.0 < float(target) <= 1.0):
         raise bad(f"threshold target {target!r} is not a rate in (0, 1]")
-    if (criterion in ("sensitivity", "specificity", "fixed")) != (target is not None):
-        raise bad(f"threshold criterion {criterion} {'needs' if target is None else 'takes no'} target")
+    if criterion in ("sensitivity", "specificity") and target is None:
+        raise bad(f"threshold criterion {criterion} needs a target")
+    if criterion in ("youden", "none") and target is not None:
+        raise bad(f"threshold criterion {criterion} takes no target")
     outputs = 1 if probe.task == "binary" else len(probe.classes)
     if (not isinstance(values, list) or len(values) != outputs
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
