@@ -75,6 +75,33 @@ def random_probe(embedder, task="multiclass", classes=("a", "b", "c"), seed=1):
     )
 
 
+def synthetic_embeddings(features: np.ndarray, ids=None):
+    """An :class:`EmbeddingSet` of synthetic features with made-up (but complete) embedding settings."""
+    from RaptorExtension.embeddings.embedding import build_metadata
+    from RaptorExtension.probes.probe import EmbeddingSet
+
+    n, f = features.shape
+    meta = build_metadata(encoder="tiny", weight_sha256="a" * 64, k=4, seed=0, projection_sha256="b" * 64,
+                          planes=["axial", "coronal", "sagittal"], grid=16, image_size=56, preset="minmax",
+                          keep_cls=False, shape=[3, 4, 2, 2], n_features=f)
+    return EmbeddingSet(ids=list(ids or [f"v{i}" for i in range(n)]), features=np.asarray(features, np.float32),
+                        metadata=meta, sources=["synthetic"])
+
+
+def imbalanced_task(n: int, prevalence: float = 0.1, shift: float = 2.0, noise_features: int = 9, seed: int = 0):
+    """Features (n, 1 + noise) and 0/1 labels: feature 0 is N(0, 1) for negatives and N(shift, 1) for positives.
+
+    With equal variances the class densities cross at shift / 2, where sensitivity + specificity is largest;
+    there the true posterior probability equals the prevalence, so the best (Youden) threshold on a
+    well-calibrated probability is ``prevalence``.
+    """
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(int)
+    x = rng.normal(size=(n, 1 + noise_features))
+    x[:, 0] += shift * y
+    return x.astype(np.float32), y
+
+
 BLOB_SIDE = 20
 
 

@@ -50,8 +50,10 @@ def test_apply_mismatch_names_the_embedding_file(fitted, capsys):
 def test_probe_info_lists_splits_in_train_val_test_order(fitted, capsys):
     assert main(["probe", "info", str(fitted / "p.raptorprobe")]) == 0
     out = capsys.readouterr().out
-    rows = [line.split()[0].rstrip("*") for line in out.splitlines()
-            if line.split() and line.split()[0].rstrip("*") in ("train", "val", "test")]
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("split"))
+    table = lines[first + 1: lines.index("", first)]  # the metrics table; the rates at the threshold follow
+    rows = [line.split()[0].rstrip("*") for line in table]
     assert rows == ["train", "val", "test"]  # train is marked * (in-sample)
 
 

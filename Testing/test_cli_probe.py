@@ -45,9 +45,12 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
     captured = capsys.readouterr()
     out = captured.out
     assert "binary probe (logistic), C=" in out and "chosen by validation" in out
-    table = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    lines = out.splitlines()
+    assert lines[1].startswith("decides p(1) >= ") and "Youden" in lines[1] and "chosen on val" in lines[1]
+    first = next(i for i, line in enumerate(lines) if line.startswith("split"))
+    rows = lines[first + 1: lines.index("", first)]
+    table = {line.split()[0]: line.split() for line in rows}
     assert set(table) == {"train*", "val", "test"} and float(table["test"][2]) > 0.8  # test AUC; train is in-sample
-    assert out.splitlines()[5].startswith("* in-sample: the probe was fitted on the train rows")
     report = json.loads((tmp_path / "out" / "blob_metrics.json").read_text())
     assert report["metrics"]["test"]["n"] == 8 and report["selection"]["parameter"] == "C"
     at_edge = report["selection"]["chosen"] in (0.01, 100.0)  # the paper's grid
@@ -59,7 +62,7 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
     with open(scores_csv) as handle:
         rows = list(csv.DictReader(handle))
     assert [r["id"] for r in rows][:2] == ["train_0", "train_1"] and len(rows) == sum(SPLIT_SIZES.values())
-    assert list(rows[0]) == ["id", "predicted", "p_0", "p_1"]
+    assert list(rows[0]) == ["id", "predicted", "p_0", "p_1", "threshold"]
     probe = Probe.load(probe_path)
     expected = probe.scores(load_embeddings([folder / "emb.csv"]).features)[:, 1]
     np.testing.assert_allclose([float(r["p_1"]) for r in rows], expected, atol=1e-5)
@@ -172,9 +175,10 @@ def test_fit_with_cv_marks_in_sample_splits_and_names_the_metric(cohort, tmp_pat
                  "--select", "cv", "--folds", "3"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    rows = {line.split()[0] for line in lines[2:5]}
-    assert rows == {"train*", "val*", "test"}
-    assert lines[5] == "* in-sample: the probe was fitted on the train and val rows, so these are not held-out numbers"
+    first = next(i for i, line in enumerate(lines) if line.startswith("split"))
+    rows = {line.split()[0] for line in lines[first + 1: lines.index("", first)]}
+    assert rows == {"train*", "val*", "test", "oof"}  # oof: out-of-fold predictions, held out by construction
+    assert "* in-sample: the final model was fitted on these rows" in lines
     assert "C=0.01: cv AUC " in captured.err and "score" not in captured.err.replace("scores", "")
     assert main(["probe", "info", str(probe_path)]) == 0
     assert "val*" in capsys.readouterr().out

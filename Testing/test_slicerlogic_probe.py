@@ -88,6 +88,84 @@ def test_apply_makes_a_scores_table_and_a_bar_chart(scene, settings, tiny_encode
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 1
 
 
+def fitted_probe(embedder, columns: dict, n: int = 240, seed: int = 5):
+    """A probe really fitted (C on val, Youden threshold on val) on synthetic features shaped like ``embedder``'s."""
+    from pathlib import Path
+
+    from RaptorExtension.probes.probe import EmbeddingSet, Labels, embedding_description, fit_probe
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, embedder.n_features)).astype(np.float32)
+    values = {}
+    for c, name in enumerate(columns):
+        y = (rng.random(n) < columns[name]).astype(int)
+        x[:, c] += 2.5 * y
+        values[name] = [str(v) for v in y]
+    ids = [f"v{i}" for i in range(n)]
+    splits = ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
+    embeddings = EmbeddingSet(ids=ids, features=x, sources=["synthetic"],
+                              metadata=embedding_description(embedder.settings_metadata("minmax")))
+    return fit_probe(embeddings, Labels(path=Path("labels.csv"), ids=ids, splits=splits, columns=values)).probe
+
+
+def test_apply_reports_the_decision_at_the_threshold_and_the_operating_point(scene, settings, tiny_encoder, tmp_path):
+    """ProbeResult carries what the panel shows beside the bar chart: threshold, decision, sensitivity, specificity."""
+    from pathlib import Path
+
+    from RaptorExtension.probes.probe import Probe
+    from RaptorExtension.slicerlogic.probe import probeResult
+
+    embedder = Embedder(settings, encoder=tiny_encoder)
+    node = add_volume(scene)
+    embedding = embed_node(node, embedder)
+    binary = fitted_probe(embedder, {"lesion": 0.15})
+    binary.name = "lesion"
+    labels = fitted_probe(embedder, {"cyst": 0.3, "calcified": 0.2}, seed=6)
+    labels.name = "findings"
+    logic = ProbeLogic(scene)
+    for probe in (binary, labels):
+        logic.loadProbe(probe.save(tmp_path / f"{probe.name}.raptorprobe"))
+    first, second = logic.apply(node)
+
+    t = binary.thresholds[0]
+    p = float(first.scores[1])
+    assert first.thresholds == {"1": t}
+    assert first.decisions == {"0": p < t, "1": p >= t} and first.predicted == ("1" if p >= t else "0")
+    point = first.operating_points["1"]
+    test = binary.metrics["test"]
+    assert point["split"] == "test" and point["in_sample"] is False and point["n"] == test["n"]
+    assert (point["sensitivity"], point["specificity"]) == (test["sensitivity"], test["specificity"])
+    assert point["sensitivity_ci95"] == test["ci95"]["sensitivity"] and len(point["specificity_ci95"]) == 2
+    assert first.calibrated is False and first.notes == []
+    line = first.describe()[0]
+    assert line.startswith(f"1: p={p:.3f} ") and f"{t:.3f}" in line and "sensitivity" in line and "on test" in line
+
+    scores = labels.scores(embedding.vector[None])[0]
+    assert second.thresholds == dict(zip(["cyst", "calcified"], labels.thresholds))
+    assert second.decisions == {name: bool(scores[c] >= labels.thresholds[c]) for c, name in enumerate(["cyst", "calcified"])}
+    assert set(second.operating_points) == {"cyst", "calcified"}
+    assert second.operating_points["calcified"]["specificity"] == labels.metrics["test"]["per_label"]["calcified"]["specificity"]
+
+    # The scores table has the threshold, the decision and the rates beside each score.
+    table = scene.GetFirstNodeByName("Raptor scores: scan")
+    header = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert header[:6] == ["Probe", "Class", "Label", "Index", "Score", "Predicted"]
+    assert header[6:] == ["Threshold", "Decision", "Sensitivity", "Specificity"]
+    assert table.GetNumberOfRows() == 4
+    assert float(table.GetCellText(1, 6)) == pytest.approx(t, abs=1e-5) and table.GetCellText(1, 7) == ("yes" if p >= t else "no")
+    assert table.GetCellText(0, 7) == ("no" if p >= t else "yes") and np.isnan(float(table.GetCellText(0, 6)))
+    assert float(table.GetCellText(1, 8)) == pytest.approx(point["sensitivity"], abs=1e-5)
+    assert float(table.GetCellText(3, 9)) == pytest.approx(second.operating_points["calcified"]["specificity"], abs=1e-5)
+
+    # A probe file from before thresholds decides at 0.5 and says so.
+    data = Path(__file__).resolve().parent / "data"
+    old = Probe.load(data / "probe_format1_binary.raptorprobe")
+    vector = np.load(data / "probe_format1_features.npy")[0]
+    result = probeResult(old, vector)
+    assert result.thresholds == {"1": 0.5} and result.decisions["1"] == (result.scores[1] >= 0.5)
+    assert len(result.notes) == 1 and "decisions use p >= 0.5" in result.notes[0]
+
+
 def test_missing_or_mismatched_embeddings(scene, settings, tiny_encoder, tmp_path):
     embedder = Embedder(settings, encoder=tiny_encoder)
     probe = random_probe(embedder)
@@ -257,11 +335,18 @@ def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, rapt
     job = logic.fit(table, label_file, tmp_path / "finding", select="cv", cGrid=[0.1, 1.0], waitForCompletion=True)
     assert job.status == "done", job.error
     names = sorted(p.name for p in job.files)
-    assert names == ["finding.raptorprobe", "finding_metrics.json", "finding_roc.png"]
+    assert names == ["finding.raptorprobe", "finding_metrics.json", "finding_reliability.png", "finding_roc.png"]
     probe = Probe.load(tmp_path / "finding.raptorprobe")
     assert probe.classes == ["0", "1"] and probe.name == "finding" and job.probe.classes == probe.classes
     assert "auc" in job.report.lower()
     assert (tmp_path / "finding_roc.png").read_bytes().startswith(b"\x89PNG")
+    assert "decides p(1) >= " in job.report  # the operating threshold, chosen on out-of-fold predictions
+    # The clinical options travel to the server; a bad one is refused there in one line.
+    job = logic.fit(table, label_file, tmp_path / "sens", select="cv", cGrid=[1.0], threshold="sensitivity:0.9",
+                    classWeight="balanced", calibrate="sigmoid", waitForCompletion=True)
+    assert Probe.load(tmp_path / "sens.raptorprobe").threshold_info["criterion"] == "sensitivity"
+    with pytest.raises(RaptorError, match="threshold 'sometimes'"):
+        logic.fit(table, label_file, tmp_path / "bad", threshold="sometimes", waitForCompletion=True)
 
 
 def test_apply_on_a_volume_without_an_embedding_never_imports_torch(tmp_path):

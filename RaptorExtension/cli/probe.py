@@ -25,6 +25,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _threshold(text: str) -> str:
+    from ..probes.metrics import parse_threshold
+
+    try:
+        parse_threshold(text)
+    except RaptorError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -60,10 +70,22 @@ def add_parser(sub) -> None:
     fit.add_argument("--alpha-grid", type=_floats, default=None, help="penalties for ridge/mlp")
     fit.add_argument("--hidden", type=_ints, default=(256,), help="MLP hidden widths, one or two layers (default 256)")
     fit.add_argument("--positive", default=None, help="positive class of a binary task (default: the second sorted)")
+    fit.add_argument("--threshold", type=_threshold, default=None,
+                     help="operating threshold of binary and multi-label probes, chosen on val (or on out-of-fold "
+                          "predictions with --select cv): youden (default), sensitivity:0.95, specificity:0.90, a "
+                          "probability such as 0.3, or none (0.5)")
+    fit.add_argument("--class-weight", default="none", choices=("none", "balanced"),
+                     help="balanced: weight classes by inverse frequency (default none)")
+    fit.add_argument("--calibrate", default="none", choices=("none", "sigmoid", "isotonic"),
+                     help="calibrated probabilities, fitted on out-of-fold predictions (default none)")
+    fit.add_argument("--bootstrap", type=non_negative_int, default=1000,
+                     help="bootstrap resamples for the 95%% confidence intervals (default 1000, seeded by --seed; 0: none)")
     fit.add_argument("--seed", type=non_negative_int, default=0, help="seed for CV folds and the MLP (default 0)")
     fit.add_argument("--max-iter", type=positive_int, default=3000, help="solver iterations (default 3000)")
     fit.add_argument("--report", default=None, help="metrics JSON (default OUTPUT stem + _metrics.json)")
     fit.add_argument("--plot", default=None, help="ROC / predicted-vs-true PNG (default OUTPUT stem + _roc.png or _pred.png)")
+    fit.add_argument("--reliability-plot", default=None,
+                     help="reliability diagram PNG of a classification probe (default OUTPUT stem + _reliability.png)")
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the metrics table")
     fit.set_defaults(func=run_fit)
 
@@ -118,7 +140,7 @@ def add_parser(sub) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from ..probes.fit_outputs import output_stem, write_fit_outputs
+    from ..probes.fit_outputs import decision_lines, default_paths, write_fit_outputs
     from ..probes.metrics import metrics_table
     from ..probes.probe import (
         PAPER_C_GRID,
@@ -129,14 +151,13 @@ def run_fit(args: argparse.Namespace) -> int:
     )
 
     output = Path(args.output)
-    report = Path(args.report) if args.report else Path(f"{output_stem(output)}_metrics.json")
-    if args.plot:
-        plot = Path(args.plot)
-    else:  # the task (classification or regression) names the default plot; both names are kept free
-        plot = None
-    default_plots = [Path(f"{output_stem(output)}_roc.png"), Path(f"{output_stem(output)}_pred.png")] if plot is None else [plot]
-    check_outputs([("-o/--output", output), ("--report" if args.report else "the metrics report", report)]
-                  + [("--plot" if args.plot else "the plot", p) for p in default_plots],
+    defaults = default_paths(output)
+    report = Path(args.report) if args.report else defaults["metrics"]
+    # The task (classification or regression) decides which plots are written; every name it may use is kept free.
+    plots = [("--plot", Path(args.plot))] if args.plot else [("the plot", defaults["roc"]), ("the plot", defaults["pred"])]
+    plots.append(("--reliability-plot", Path(args.reliability_plot)) if args.reliability_plot
+                 else ("the reliability plot", defaults["reliability"]))
+    check_outputs([("-o/--output", output), ("--report" if args.report else "the metrics report", report), *plots],
                   input_files(args.embeddings, "the embeddings") + input_files(args.labels, "the labels"))
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     embeddings = load_embeddings([args.embeddings])
@@ -144,18 +165,23 @@ def run_fit(args: argparse.Namespace) -> int:
     options = FitOptions(
         task=args.task, model=args.probe_model, select=args.select, folds=args.folds,
         c_grid=args.c_grid or PAPER_C_GRID, alpha_grid=args.alpha_grid, hidden=tuple(args.hidden),
-        seed=args.seed, max_iter=args.max_iter, positive=args.positive,
+        seed=args.seed, max_iter=args.max_iter, positive=args.positive, threshold=args.threshold,
+        class_weight=None if args.class_weight == "none" else args.class_weight,
+        calibrate=None if args.calibrate == "none" else args.calibrate, bootstrap=args.bootstrap,
     )
     result = fit_probe(embeddings, labels, options, progress=say)
     probe = result.probe
-    written = write_fit_outputs(result, output, metrics=args.report, plot=args.plot)
+    written = write_fit_outputs(result, output, metrics=args.report, plot=args.plot,
+                                reliability_plot=args.reliability_plot)
     selection = probe.training["selection"]
     print(f"{probe.task} probe ({probe.model}), {selection['parameter']}={selection['chosen']} "
           f"chosen by {'validation' if selection['method'] == 'val' else 'cross-validation'}")
+    for line in decision_lines(probe):
+        print(line)
     print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
     for warning in result.warnings:  # shown even with --quiet: they say the probe may be improvable
         print(f"raptor: warning: {warning}", file=sys.stderr)
-    print(f"raptor: wrote {written.probe}, {written.metrics}, {written.plot}", file=sys.stderr)
+    print(f"raptor: wrote {', '.join(str(w) for w in written.all())}", file=sys.stderr)
     return 0
 
 
@@ -166,6 +192,8 @@ def run_apply(args: argparse.Namespace) -> int:
     check_outputs([("-o/--output", args.output)], input_files(args.probe, "the probe")
                   + [entry for spec in args.embeddings for entry in input_files(spec, "the embeddings")])
     probe = Probe.load(args.probe)
+    for note in probe.notes:
+        print(f"raptor: note: {note}", file=sys.stderr)
     embeddings = load_embeddings(args.embeddings)
     scores = probe.apply(embeddings)
     text = scores.to_csv()
@@ -184,6 +212,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from ..probes.fit_outputs import decision_lines, rate_text
     from ..probes.metrics import metrics_table
     from ..probes.probe import Probe
     from ..probes.probe_file import read_probe_file
@@ -202,7 +231,18 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  embedding   {e.get('encoder')} (weights {str(e.get('weight_sha256'))[:12]}), K={e.get('k')}, "
           f"seed={e.get('seed')}, grid={e.get('grid')}, preset={e.get('preset')}, planes={'|'.join(e.get('planes') or [])}, "
           f"keep_cls={e.get('keep_cls')}, preprocess={e.get('preprocess') or 'direct'}, {probe.n_features} features")
-    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ())))
+    for line in decision_lines(probe):
+        print(f"  decision    {line}")
+    for name, point in probe.operating_points().items():
+        if point["split"] is None:
+            continue
+        marked = " (in-sample)" if point["in_sample"] else ""
+        print(f"  at p({name}) >= {point['threshold']:.4g}: sensitivity {rate_text(point, 'sensitivity')}, specificity "
+              f"{rate_text(point, 'specificity')} on {point['split']}{marked}, n={point['n']}")
+    for note in probe.notes:
+        print(f"  note        {note}")
+    # older files do not mark in-sample splits themselves: their fitted_on record does
+    print(metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on") or ()))
     return 0
 
 

@@ -16,6 +16,19 @@ Features are standardized with the statistics of the rows the final model is
 fitted on (train, or train+val with ``select="cv"``).  Every step is seeded
 and single-valued, so the same inputs give the same probe bit for bit.
 
+Decisions a clinician can act on
+  A binary probe decides "positive" when its probability reaches an
+  operating threshold chosen for the task (``threshold``: Youden's J by
+  default, a sensitivity or specificity target, or a fixed number), and a
+  multi-label probe has one threshold per label; a multi-class probe takes
+  the most likely class.  The threshold is chosen on rows the final model
+  was not fitted on: the validation split (``select="val"``), or the
+  out-of-fold predictions of the cross-validation at the chosen C
+  (``select="cv"``, where the final model is refitted on train+val).
+  Optional class weighting (``class_weight="balanced"``) and calibrated
+  probabilities (``calibrate``, see :mod:`.calibration`) complete it; the
+  metrics at the threshold carry bootstrap intervals (:mod:`.metrics`).
+
 Why the stored model is plain arrays: applying a probe needs only NumPy (no
 scikit-learn inside Slicer, no pickle), and a linear probe's weights are what
 the explainer (:mod:`.explain`) decomposes over slices and patches.
@@ -41,7 +54,17 @@ from ..embeddings.embedding import METADATA_SCHEMA, Embedding
 from ..embeddings.settings import REQUIRED_SETTINGS_KEYS, SETTINGS_KEYS, describe_differences
 from ..errors import Cancelled, InputError, MetadataMismatch, RaptorError
 from ..fields import BOOL, DICT, EITHER, INT, LIST, NULLABLE, NUMBER, ONE_OF, SCHEMA, STR, check_fields
-from .metrics import CLASSIFICATION_TASKS, classification_metrics, regression_metrics
+from .calibration import CALIBRATION_METHODS, Calibration, fit_calibration
+from .metrics import (
+    BOOTSTRAP_RESAMPLES,
+    CLASSIFICATION_TASKS,
+    THRESHOLD_CRITERIA,
+    ThresholdRule,
+    choose_threshold,
+    classification_metrics,
+    parse_threshold,
+    regression_metrics,
+)
 from .probe_file import PROBE_SUFFIX, read_probe_file, write_probe_file
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
@@ -330,6 +353,15 @@ class Probe:
     path: Path | None = None
     checksum: str = ""
     """The ``content_sha256`` of the probe file it was loaded from (identifies it in DICOM results)."""
+    threshold: list[float] | None = None
+    """Operating threshold on the probability, one per output (binary: of the positive class; multi-label: per
+    label); ``None`` decides at 0.5.  Multi-class and regression probes have none."""
+    threshold_info: dict = field(default_factory=dict)
+    """How the threshold was set: ``criterion``, ``target``, ``chosen_on``, ``rows``."""
+    calibration: Calibration | None = None
+    """Calibrators from the logits to the probabilities (``None``: the model's own sigmoid or softmax)."""
+    notes: list[str] = field(default_factory=list)
+    """What a user of this probe should know that is not an error (e.g. a file from before operating thresholds)."""
 
     # -- what it computes ------------------------------------------------
     @property
@@ -367,25 +399,88 @@ class Probe:
                 h = np.maximum(h, 0.0)
         return h * self.target_scale + self.target_mean
 
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, classes), label probabilities, or regression values."""
-        d = self.decision(features)
+    def probabilities(self, decision: np.ndarray) -> np.ndarray:
+        """Decision values (n, outputs) to probabilities, through the calibration when the probe has one."""
+        d = np.asarray(decision, dtype=np.float64)
+        if self.task == "regression":
+            return d
+        if self.calibration is not None:
+            return self.calibration.probabilities(self.task, d)
         if self.task == "binary":
             p = _sigmoid(d[:, 0])
             return np.stack([1.0 - p, p], axis=1)
         if self.task == "multiclass":
             return _softmax(d)
+        return _sigmoid(d)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, classes), label probabilities, or regression values."""
+        return self.probabilities(self.decision(features))
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """The operating threshold of each thresholded output (binary: the positive class; multi-label: each label)."""
+        if self.task == "binary":
+            return list(self.threshold) if self.threshold is not None else [0.5]
         if self.task == "multilabel":
-            return _sigmoid(d)
-        return d
+            return list(self.threshold) if self.threshold is not None else [0.5] * len(self.classes)
+        return None
+
+    @property
+    def threshold_names(self) -> list[str]:
+        """What each threshold decides: the positive class of a binary probe, or each label."""
+        if self.task == "binary":
+            return [self.classes[1]]
+        return list(self.classes) if self.task == "multilabel" else []
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Decisions from probabilities: (n, classes) for binary and multi-class (one True per row), (n, labels)."""
+        s = np.atleast_2d(scores)
+        if self.task == "binary":
+            positive = s[:, 1] >= self.thresholds[0]
+            return np.stack([~positive, positive], axis=1)
+        if self.task == "multiclass":
+            return np.eye(s.shape[1], dtype=bool)[np.argmax(s, axis=1)]
+        if self.task == "multilabel":
+            return s >= np.asarray(self.thresholds)
+        raise RaptorError("a regression probe makes no decisions")
 
     def predict(self, features: np.ndarray) -> list[str]:
         s = self.scores(features)
         if self.task in ("binary", "multiclass"):
-            return [self.classes[i] for i in np.argmax(s, axis=1)]
+            return [self.classes[i] for i in np.argmax(self.decide(s), axis=1)]
         if self.task == "multilabel":
-            return ["|".join(c for c, on in zip(self.classes, row) if on) for row in (s >= 0.5)]
+            return ["|".join(c for c, on in zip(self.classes, row) if on) for row in self.decide(s)]
         return [";".join(format(v, ".6g") for v in row) for row in s]
+
+    def operating_points(self) -> dict[str, dict]:
+        """Per thresholded output: the threshold and the sensitivity and specificity measured there.
+
+        Taken from the best split the probe's metrics hold: test (held out), else
+        the rows the threshold was chosen on (val, or the out-of-fold predictions),
+        else train (in-sample, marked so).  Each entry: ``threshold``, ``split``,
+        ``in_sample``, ``n``, ``sensitivity``, ``specificity`` and their 95% intervals
+        (``sensitivity_ci95``, ``specificity_ci95``: ``[low, high]`` or ``None``).
+        """
+        out: dict[str, dict] = {}
+        for i, name in enumerate(self.threshold_names):
+            entry = {"threshold": float(self.thresholds[i]), "split": None, "in_sample": None, "n": None,
+                     "sensitivity": None, "specificity": None, "sensitivity_ci95": None, "specificity_ci95": None}
+            for split in ("test", "val", "oof", "train"):
+                values = self.metrics.get(split)
+                if not isinstance(values, dict):
+                    continue
+                if self.task == "multilabel":
+                    values = dict((values.get("per_label") or {}).get(name) or {}, in_sample=values.get("in_sample"))
+                if values.get("sensitivity") is None and values.get("specificity") is None:
+                    continue
+                ci = values.get("ci95") or {}
+                entry.update(split=split, in_sample=bool(values.get("in_sample", split == "train")), n=values.get("n"),
+                             sensitivity=values.get("sensitivity"), specificity=values.get("specificity"),
+                             sensitivity_ci95=ci.get("sensitivity"), specificity_ci95=ci.get("specificity"))
+                break
+            out[name] = entry
+        return out
 
     def folded_linear(self, output: int) -> tuple[np.ndarray, float]:
         """``(w', b')`` with ``decision[output] = w' . x + b'`` on raw (unstandardized) features."""
@@ -418,7 +513,8 @@ class Probe:
             raise InputError(f"{embeddings.sources[bad]}: the embedding of {embeddings.ids[bad]!r} holds NaN or "
                              "infinite values; it cannot be scored")
         return ProbeScores(ids=list(embeddings.ids), names=self.classes, scores=self.scores(embeddings.features),
-                           predicted=self.predict(embeddings.features), task=self.task)
+                           predicted=self.predict(embeddings.features), task=self.task,
+                           thresholds=self.thresholds, threshold_names=self.threshold_names)
 
     # -- files -------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
@@ -430,6 +526,8 @@ class Probe:
                 arrays[f"mlp_weight_{i}"] = w
                 arrays[f"mlp_bias_{i}"] = b
             arrays.update(target_mean=self.target_mean, target_scale=self.target_scale)
+        if self.calibration is not None:
+            arrays.update(self.calibration.arrays())
         return arrays
 
     def save(self, path: str | Path) -> Path:
@@ -445,6 +543,12 @@ class Probe:
             "training": self.training,
             "mlp_layers": len(self.mlp_weights),
         }
+        if self.thresholds is not None:
+            info = dict(self.threshold_info) or {"criterion": "none" if self.threshold is None else "fixed",
+                                                 "target": None, "chosen_on": None}
+            meta["threshold"] = {**info, "values": [float(t) for t in self.thresholds]}
+        if self.calibration is not None:
+            meta["calibration"] = {"method": self.calibration.method, "outputs": self.calibration.outputs}
         write_probe_file(path, meta, self.arrays())
         self.path = path
         return path
@@ -553,7 +657,67 @@ def _probe_from_file(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> P
         if tm is None or ts is None or tm.shape != (outputs,) or ts.shape != (outputs,):
             raise bad("MLP target scaling is missing")
         probe.target_mean, probe.target_scale = tm, ts
+    _read_threshold(probe, meta, bad)
+    _read_calibration(probe, meta, arrays, bad)
     return probe
+
+
+def _read_threshold(probe: Probe, meta: dict, bad: Callable[[str], InputError]) -> None:
+    """The operating threshold(s): validated; absent in files from before thresholds (then 0.5, with a note)."""
+    thresholded = probe.task in ("binary", "multilabel")
+    info = meta.get("threshold")
+    if info is None:
+        if thresholded:
+            probe.notes.append(f"{probe.label()}: made before operating thresholds; decisions use p >= 0.5 "
+                               f"(refit it to choose a threshold on held-out data)")
+        return
+    if not thresholded:
+        raise bad(f"a {probe.task} probe has no operating threshold")
+    if not isinstance(info, dict):
+        raise bad("threshold must be an object")
+    criterion, target, values = info.get("criterion"), info.get("target"), info.get("values")
+    if criterion not in THRESHOLD_CRITERIA:
+        raise bad(f"unknown threshold criterion {criterion!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0.0 < float(target) <= 1.0):
+        raise bad(f"threshold target {target!r} is not a rate in (0, 1]")
+    if criterion in ("sensitivity", "specificity") and target is None:
+        raise bad(f"threshold criterion {criterion} needs a target")
+    if criterion in ("youden", "none") and target is not None:
+        raise bad(f"threshold criterion {criterion} takes no target")
+    outputs = 1 if probe.task == "binary" else len(probe.classes)
+    if (not isinstance(values, list) or len(values) != outputs
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+                       for v in values)):
+        raise bad(f"threshold values must be {outputs} probabilities in [0, 1]")
+    for key in ("chosen_on", "rows"):
+        if key in info and info[key] is not None and not isinstance(info[key], (str, int)):
+            raise bad(f"threshold {key} is malformed")
+    probe.threshold = [float(v) for v in values]
+    probe.threshold_info = {k: v for k, v in info.items() if k != "values"}
+
+
+def _read_calibration(probe: Probe, meta: dict, arrays: dict[str, np.ndarray], bad: Callable[[str], InputError]) -> None:
+    """The calibrators, when the probe has them: the method named in probe.json, the knots or slopes as arrays."""
+    info = meta.get("calibration")
+    calibration_arrays = {k: v for k, v in arrays.items() if k.startswith("calibration_")}
+    if info is None:
+        if calibration_arrays:
+            raise bad(f"array {sorted(calibration_arrays)[0]!r} without calibration settings")
+        return
+    if probe.task == "regression":
+        raise bad("a regression probe cannot be calibrated")
+    if not isinstance(info, dict) or info.get("method") not in CALIBRATION_METHODS:
+        raise bad(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}")
+    outputs = 1 if probe.task == "binary" else len(probe.classes)
+    try:
+        calibration = Calibration.from_arrays(info["method"], arrays, outputs)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    extra = sorted(set(calibration_arrays) - set(calibration.arrays()))
+    if extra:
+        raise bad(f"unexpected calibration array {extra[0]!r}")
+    probe.calibration = calibration
 
 
 @dataclass
@@ -562,18 +726,27 @@ class ProbeScores:
     names: list[str]
     scores: np.ndarray
     predicted: list[str]
+    """The decision: the class at the operating threshold (binary), the most likely class, the labels at their thresholds."""
     task: str
+    thresholds: list[float] | None = None
+    """The operating threshold of each of ``threshold_names`` (binary: the positive class; multi-label: each label)."""
+    threshold_names: list[str] = field(default_factory=list)
 
     def header(self, prefix: str = "") -> list[str]:
         column = "p_" if self.task in CLASSIFICATION_TASKS else ""
-        return ["id", f"{prefix}predicted", *(f"{prefix}{column}{n}" for n in self.names)]
+        head = ["id", f"{prefix}predicted", *(f"{prefix}{column}{n}" for n in self.names)]
+        if self.thresholds is not None:
+            head += ([f"{prefix}threshold"] if self.task == "binary"
+                     else [f"{prefix}threshold_{n}" for n in self.threshold_names])
+        return head
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.header())
+        extra = [format(float(t), ".6g") for t in self.thresholds] if self.thresholds is not None else []
         for identifier, pred, row in zip(self.ids, self.predicted, self.scores):
-            writer.writerow([identifier, pred, *(format(float(v), ".6g") for v in row)])
+            writer.writerow([identifier, pred, *(format(float(v), ".6g") for v in row), *extra])
         return buffer.getvalue()
 
 
@@ -596,15 +769,27 @@ class FitOptions:
     max_iter: int = 3000
     positive: str | None = None
     """The positive class of a binary task (default: the second in sorted order, e.g. 1)."""
+    threshold: str | None = None
+    """Operating threshold of binary and multi-label probes (:func:`~.metrics.parse_threshold`): ``youden`` (the
+    default), ``sensitivity:0.95``, ``specificity:0.90``, a probability such as ``0.3``, or ``none`` (0.5)."""
+    class_weight: str | None = None
+    """``balanced``: weight each class by the inverse of its frequency in the rows fitted on."""
+    calibrate: str | None = None
+    """``sigmoid`` or ``isotonic``: calibrated probabilities, fitted on out-of-fold decision values."""
+    bootstrap: int = BOOTSTRAP_RESAMPLES
+    """Bootstrap resamples for the 95% intervals of the metrics (0: none); seeded with ``seed``."""
 
 
 @dataclass
 class FitResult:
     probe: Probe
     predictions: dict[str, tuple[np.ndarray, np.ndarray]]
-    """Per split: (truth, scores) as used for the metrics and plots."""
+    """Per split: (truth, scores) as used for the metrics and plots; ``oof`` holds the out-of-fold predictions (CV)."""
     warnings: list[str] = field(default_factory=list)
     """One line each: what the user should know about this fit (chosen value at the grid's edge, no convergence)."""
+    threshold_rows: dict = field(default_factory=dict)
+    """The rows the threshold was chosen on: ``source`` (``val`` or ``oof``), ``ids``, ``truth`` and ``scores``
+    (the probabilities the choice saw). Empty when no threshold was chosen on data."""
 
 
 ProgressFn = Callable[[str], None]
@@ -687,7 +872,8 @@ def _fit_one(model: str, task: str, design: _Design, y: np.ndarray, strength: fl
         if model == "logistic":
             from sklearn.linear_model import LogisticRegression
 
-            m = LogisticRegression(C=strength, max_iter=options.max_iter, random_state=options.seed)
+            m = LogisticRegression(C=strength, max_iter=options.max_iter, random_state=options.seed,
+                                   class_weight=options.class_weight)
             if design.wide:
                 # Iterations are cheap here (n x r), so solve tightly: large-C fits are nearly flat.
                 m.set_params(tol=1e-8, max_iter=max(options.max_iter, 10000))
@@ -795,9 +981,11 @@ def _folds(task: str, y: np.ndarray, n_folds: int, seed: int, where: str) -> lis
 
 
 def _select(model: str, task: str, design: _Design, x_fit: np.ndarray, y_fit: np.ndarray, x_val, y_val, grid,
-            options: FitOptions, where: str, say: ProgressFn, cancel) -> tuple[float, dict]:
-    """Pick the regularization strength; returns it and the score of every candidate."""
+            options: FitOptions, where: str, say: ProgressFn, cancel) -> tuple[float, dict, np.ndarray | None]:
+    """Pick the regularization strength; returns it, the score of every candidate and, with CV, the
+    out-of-fold decision values at the chosen strength (each row scored by the fold model that did not see it)."""
     scores: dict[str, float] = {}
+    out_of_fold: dict[str, np.ndarray] = {}
     score_task = "binary" if task == "multilabel" else task
     if score_task == "binary":
         names = ["0", "1"]
@@ -817,17 +1005,23 @@ def _select(model: str, task: str, design: _Design, x_fit: np.ndarray, y_fit: np
             probe = _temporary_probe(score_task, model, names, design.mean, design.scale, fitted)
             value = _selection_score(score_task, y_val, probe.scores(x_val))
         else:
-            fold_values = []
+            fold_values, decisions = [], None
             for fold_design, train_idx, test_idx in folds:
                 fitted = _fit_one(model, score_task, fold_design, y_fit[train_idx], strength, options)
                 probe = _temporary_probe(score_task, model, names, fold_design.mean, fold_design.scale, fitted)
-                fold_values.append(_selection_score(score_task, y_fit[test_idx], probe.scores(x_fit[test_idx])))
+                decision = probe.decision(x_fit[test_idx])
+                if decisions is None:
+                    decisions = np.zeros((len(y_fit), decision.shape[1]))
+                decisions[test_idx] = decision
+                fold_values.append(_selection_score(score_task, y_fit[test_idx], probe.probabilities(decision)))
             value = float(np.mean(fold_values))
+            if score_task != "regression":
+                out_of_fold[format(strength, "g")] = decisions
         scores[format(strength, "g")] = round(value, 6)
         say(f"  {'C' if model == 'logistic' else 'alpha'}={strength:g}: {'val' if options.select == 'val' else 'cv'} "
             f"{selection_metric(score_task)} {value:.4f}")
     best = max(grid, key=lambda s: (scores[format(s, "g")], -abs(math.log10(s))))
-    return best, scores
+    return best, scores, out_of_fold.get(format(best, "g"))
 
 
 def _check_fit_rows(task: str, y: np.ndarray, classes: list[str], where: str, rows: str) -> None:
@@ -888,6 +1082,14 @@ def _fit_probe(
         raise RaptorError(f"seed must be between 0 and 4294967295 (got {options.seed})")
     if options.hidden and not 1 <= len(options.hidden) <= 2:
         raise RaptorError("an MLP probe has one or two hidden layers (at most three weight layers)")
+    if options.class_weight not in (None, "balanced"):
+        raise RaptorError(f"class weight must be 'balanced' or none (got {options.class_weight!r})")
+    if options.calibrate not in (None,) + CALIBRATION_METHODS:
+        raise RaptorError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)} (got {options.calibrate!r})")
+    if options.bootstrap < 0:
+        raise RaptorError(f"bootstrap resamples must be 0 or more (got {options.bootstrap})")
+    explicit_rule = options.threshold is not None
+    rule = parse_threshold(options.threshold) if explicit_rule else None
     known = set(embeddings.ids)
     missing = [i for i in labels.ids if i not in known]
     if missing:
@@ -905,6 +1107,13 @@ def _fit_probe(
         raise RaptorError("logistic regression is for classification; use --probe-model ridge or mlp for regression")
     if task != "regression" and model != "logistic":
         raise RaptorError(f"{model} is for regression; classification uses the logistic probe")
+    if explicit_rule and task not in ("binary", "multilabel"):
+        raise RaptorError(f"--threshold is for binary and multi-label probes; a {task} probe "
+                          + ("decides by the most likely class" if task == "multiclass" else "predicts numbers"))
+    if task == "regression" and (options.class_weight or options.calibrate):
+        raise RaptorError("class weighting and calibration are for classification probes")
+    if rule is None and task in ("binary", "multilabel"):
+        rule = ThresholdRule("youden")
     y_all, classes = _encode_targets(task, labels, options.positive)
     split = np.array(labels.splits)
     x_all = embeddings.rows(labels.ids).astype(np.float64)
@@ -929,46 +1138,110 @@ def _fit_probe(
     selection: dict = {"method": options.select, "grid": list(grid), "parameter": parameter,
                        "metric": selection_metric("binary" if task == "multilabel" else task)}
     converged = True
-    if task == "multilabel":
-        weights, biases, chosen, per_label = [], [], {}, {}
-        for c, name in enumerate(classes):
+    # One group per separately fitted model: the task itself, or each label of a multi-label task.
+    groups = [(name, c) for c, name in enumerate(classes)] if task == "multilabel" else [(None, None)]
+    group_task = "binary" if task == "multilabel" else task
+    weights, biases, chosen, per_label, out_of_fold, strengths = [], [], {}, {}, [], []
+    final = None
+    for name, c in groups:
+        if name is not None:
             say(f" label {name}:")
-            strength, table = _select(model, task, design, x_fit, y_all[fit_rows, c], x_all[val_rows],
-                                      y_all[val_rows, c], grid, options, where, say, cancel)
-            fitted = _fit_one(model, "binary", design, y_all[fit_rows, c], strength, options)
-            converged &= fitted.converged
+        y_fit_g = y_all[fit_rows] if c is None else y_all[fit_rows, c]
+        y_val_g = y_all[val_rows] if c is None else y_all[val_rows, c]
+        strength, table, oof = _select(model, task, design, x_fit, y_fit_g, x_all[val_rows], y_val_g, grid, options,
+                                       where, say, cancel)
+        fitted = _fit_one(model, group_task, design, y_fit_g, strength, options)
+        converged &= fitted.converged
+        strengths.append(strength)
+        out_of_fold.append(oof)
+        if c is None:
+            final = fitted
+            selection.update(chosen=strength, scores=table)
+        else:
             weights.append(fitted.weight[0])
             biases.append(fitted.bias[0])
             chosen[name], per_label[name] = strength, table
+    if task == "multilabel":
         final = _Fitted(weight=np.stack(weights), bias=np.array(biases))
         selection.update(chosen=chosen, scores=per_label)
-    else:
-        y_fit = y_all[fit_rows]
-        y_val = y_all[val_rows]
-        strength, table = _select(model, task, design, x_fit, y_fit, x_all[val_rows], y_val, grid, options, where, say,
-                                  cancel)
-        final = _fit_one(model, task, design, y_fit, strength, options)
-        converged = final.converged
-        selection.update(chosen=strength, scores=table)
     per_choice = selection["chosen"].items() if task == "multilabel" else [(None, selection["chosen"])]
     warnings_out = [w for name, value in per_choice
                     if (w := grid_edge_warning(parameter, value, grid, label=f"label {name}: " if name else ""))]
     if not converged:
         warnings_out.append("the solver did not fully converge for the chosen setting (raise --max-iter)")
+    warnings_out += _imbalance_warnings(task, classes, y_all[fit_rows], rule, options.class_weight)
 
     probe = Probe(task=task, model=model, classes=classes, label_columns=list(labels.columns), feature_mean=mean,
                   feature_scale=scale, embedding=dict(embeddings.metadata), **_as_probe_parts(final))
+    fitted_on = "train" if options.select == "val" else "train+val"
+    if options.calibrate:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        say(f"raptor: calibrating ({options.calibrate}) on out-of-fold decision values of {options.folds}-fold CV "
+            f"on {fitted_on}")
+        parts = [_calibrate_group(options.calibrate, model, group_task, x_fit,
+                                  y_all[fit_rows] if c is None else y_all[fit_rows, c], strength, options, where)
+                 for (name, c), strength in zip(groups, strengths)]
+        probe.calibration = _join_calibrations(parts)
+
+    # The rows the threshold is chosen on: never those the final model was fitted on.
+    if options.select == "cv" and task in CLASSIFICATION_TASKS:
+        oof_truth = y_all[fit_rows]
+        oof_scores = probe.probabilities(np.concatenate(out_of_fold, axis=1))
+    threshold_rows: dict = {}
+    if rule is not None:
+        if options.select == "val":
+            source, ids = "val", [i for i, keep in zip(labels.ids, val_rows) if keep]
+            truth, probabilities = y_all[val_rows], probe.scores(x_all[val_rows])
+        else:
+            source, ids = "oof", [i for i, keep in zip(labels.ids, fit_rows) if keep]
+            truth, probabilities = oof_truth, oof_scores
+        if rule.chosen_on_data:
+            threshold_rows = {"source": source, "ids": ids, "truth": truth, "scores": probabilities}
+        values = []
+        for i, (name, c) in enumerate(groups):
+            y_sel = truth if c is None else truth[:, c]
+            p_sel = probabilities[:, 1] if task == "binary" else probabilities[:, c]
+            try:
+                values.append(choose_threshold(y_sel, p_sel, rule))
+            except ValueError:
+                what = (f"{'label ' + name + ': ' if name else ''}the {'validation split' if source == 'val' else 'train+val rows'} "
+                        f"hold a single class, so no threshold can be chosen there")
+                if explicit_rule:
+                    raise InputError(f"{where}: {what}; use --select cv, more rows, or a fixed --threshold") from None
+                warnings_out.append(f"{what}; deciding at 0.5")
+                values.append(0.5)
+        probe.threshold = values
+        probe.threshold_info = {
+            "criterion": rule.criterion, "target": rule.target,
+            "chosen_on": (None if not rule.chosen_on_data else
+                          "val" if source == "val" else f"out-of-fold predictions of {options.folds}-fold CV on train+val"),
+            "rows": len(ids) if rule.chosen_on_data else None,
+        }
+
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     metrics: dict[str, dict] = {}
+    in_sample = ("train",) if options.select == "val" else ("train", "val")
+    chose = "C and threshold" if rule is not None and rule.chosen_on_data else parameter
+
+    def classification(truth, scores):
+        return classification_metrics(task, truth, scores, probe.thresholds, names=classes, resamples=options.bootstrap,
+                                      seed=options.seed)
+
     for name in SPLITS:
         rows = split == name
         if not rows.any():
             continue
         truth, scores = y_all[rows], probe.scores(x_all[rows])
         predictions[name] = (truth, scores)
-        metrics[name] = (
-            regression_metrics(truth, scores, classes) if task == "regression" else classification_metrics(task, truth, scores)
-        )
+        metrics[name] = regression_metrics(truth, scores, classes) if task == "regression" else classification(truth, scores)
+        metrics[name]["in_sample"] = name in in_sample
+        metrics[name]["role"] = ("fitted on (in-sample)" if name in in_sample else
+                                 f"{chose} chosen here" if name == "val" else "held out")
+    if options.select == "cv" and task in CLASSIFICATION_TASKS:
+        predictions["oof"] = (oof_truth, oof_scores)
+        metrics["oof"] = classification(oof_truth, oof_scores)
+        metrics["oof"].update(in_sample=False, role=f"out-of-fold predictions on train+val; {chose} chosen here")
     probe.metrics = metrics
     import sklearn
 
@@ -983,12 +1256,81 @@ def _fit_probe(
         "standardization": "mean/std of the rows fitted on",
         **({"hidden_layers": list(options.hidden)} if model == "mlp" else {}),
         **({"positive_class": classes[1]} if task == "binary" else {}),
+        **({"class_weight": options.class_weight} if task != "regression" else {}),
+        **({"calibration": {"method": options.calibrate, "fitted_on": f"out-of-fold decision values of "
+                                                                     f"{options.folds}-fold CV on {fitted_on}",
+                            "by": "sklearn.calibration.CalibratedClassifierCV(ensemble=False)"}}
+           if options.calibrate else {}),
+        **({"bootstrap": {"resamples": options.bootstrap, "seed": options.seed, "confidence": 0.95,
+                          "method": "percentile"}} if task != "regression" else {}),
         "scikit_learn": sklearn.__version__,
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "warnings": list(warnings_out),
     }
-    return FitResult(probe=probe, predictions=predictions, warnings=warnings_out)
+    return FitResult(probe=probe, predictions=predictions, warnings=warnings_out, threshold_rows=threshold_rows)
+
+
+def _imbalance_warnings(task: str, classes: list[str], y: np.ndarray, rule: ThresholdRule | None,
+                        class_weight: str | None) -> list[str]:
+    """Warn when the minority class is under 20% of the rows fitted on and nothing accounts for it.
+
+    A threshold chosen on data or class weighting accounts for it; ``--threshold none`` (0.5) does not.  For more
+    than two classes, "under 20%" means the rarest class has under a quarter of the commonest one's rows (the same
+    ratio as 20:80 for two classes), and only class weighting helps, since the decision is the most likely class.
+    """
+    if task == "regression" or class_weight is not None or (rule is not None and rule.criterion != "none"):
+        return []
+    advice = ("decisions at p=0.5 will favour the majority class; choose an operating threshold (--threshold youden) "
+              "or weight the classes (--class-weight balanced)")
+    if task == "binary":
+        share = float(np.mean(y == 1))
+        minority, fraction = (classes[1], share) if share <= 0.5 else (classes[0], 1.0 - share)
+        return [f"class {minority!r} is {fraction:.0%} of the rows fitted on; {advice}"] if fraction < 0.2 else []
+    if task == "multilabel":
+        out = []
+        for c, name in enumerate(classes):
+            share = float(np.mean(y[:, c] == 1))
+            fraction = min(share, 1.0 - share)
+            if fraction < 0.2:
+                out.append(f"label {name}: {'positives' if share <= 0.5 else 'negatives'} are {fraction:.0%} of the "
+                           f"rows fitted on; {advice}")
+        return out
+    counts = np.bincount(y, minlength=len(classes))
+    if counts.min() < 0.25 * counts.max():
+        rare = classes[int(np.argmin(counts))]
+        common = classes[int(np.argmax(counts))]
+        message = (f"class {rare!r} has {int(counts.min())} of the rows fitted on, under a quarter of class {common!r} "
+                   f"({int(counts.max())}); the most likely class will rarely be {rare!r}: weight the classes "
+                   f"(--class-weight balanced)")
+        return [message]
+    return []
+
+
+def _calibrate_group(method: str, model: str, task: str, x_fit: np.ndarray, y: np.ndarray, strength: float,
+                     options: FitOptions, where: str) -> Calibration:
+    """Calibrators for one fitted model (the probe, or one label), through scikit-learn's CalibratedClassifierCV."""
+    names = ["0", "1"] if task == "binary" else [str(i) for i in range(int(y.max()) + 1)]
+    folds = _folds(task, y, options.folds, options.seed, where)
+
+    def fit_rows(rows: np.ndarray, y_part: np.ndarray):
+        design = _Design(x_fit[rows])
+        fitted = _fit_one(model, task, design, y_part, strength, options)
+        probe = _temporary_probe(task, model, names, design.mean, design.scale, fitted)
+        return lambda wanted: probe.decision(x_fit[wanted])
+
+    return fit_calibration(method, y, folds, fit_rows)
+
+
+def _join_calibrations(parts: list[Calibration]) -> Calibration:
+    """One calibration from one per label (multi-label) or the probe's own."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].method == "sigmoid":
+        return Calibration(method="sigmoid", a=np.concatenate([p.a for p in parts]),
+                           b=np.concatenate([p.b for p in parts]))
+    return Calibration(method="isotonic", knots_x=[x for p in parts for x in p.knots_x],
+                       knots_y=[y for p in parts for y in p.knots_y])
 
 
 __all__ = [

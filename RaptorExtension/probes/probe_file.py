@@ -9,8 +9,10 @@ code.  So it is an ordinary ZIP archive (stored, not compressed) holding
 
 ``probe.json``          UTF-8 JSON: format header, task, class names, the
                         embedding settings the probe was fitted on, metrics,
-                        hyper-parameters, and for every array its dtype, shape
-                        and SHA-256;
+                        hyper-parameters, the operating threshold(s) and the
+                        calibration method (checked field by field when the
+                        probe is rebuilt, :mod:`.probe`), and for every array
+                        its dtype, shape and SHA-256;
 ``arrays/NAME.npy``     NumPy ``.npy`` arrays (little-endian float64), read
                         with ``allow_pickle=False``.
 
@@ -47,7 +49,10 @@ from ..fields import DICT, HEX, INT, LIST, ONE_OF, SCHEMA, STR, check_fields, is
 from ..version import __version__
 
 PROBE_FORMAT = "raptor-probe"
-PROBE_FORMAT_VERSION = 1
+PROBE_FORMAT_VERSION = 2
+"""2 added the operating threshold (``threshold``) and calibration (``calibration`` and its arrays): a Raptor that
+knows only version 1 would ignore them and give other decisions and probabilities, so it refuses such files.
+Version 1 files still load (they decide at 0.5, with a note)."""
 PROBE_SUFFIX = ".raptorprobe"
 METADATA_MEMBER = "probe.json"
 ARRAY_PREFIX = "arrays/"

@@ -347,7 +347,8 @@ def _prepare_explain(ctx: ServerContext, request: dict):
 
 
 FIT_OPTIONS = {"task": str, "model": str, "select": str, "folds": int, "c_grid": list, "alpha_grid": list,
-               "hidden": list, "seed": int, "max_iter": int, "positive": str}
+               "hidden": list, "seed": int, "max_iter": int, "positive": str, "threshold": str, "class_weight": str,
+               "calibrate": str, "bootstrap": int}
 
 
 def _prepare_fit(ctx: ServerContext, request: dict):
@@ -366,7 +367,7 @@ def _prepare_fit(ctx: ServerContext, request: dict):
         raise InputError(f"{what}: 'name' must be a plain file name")
 
     def run(job: Job) -> None:
-        from ..probes.fit_outputs import write_fit_outputs
+        from ..probes.fit_outputs import decision_lines, write_fit_outputs
         from ..probes.metrics import metrics_table
         from ..probes.probe import fit_probe, load_embeddings, read_labels
 
@@ -380,8 +381,12 @@ def _prepare_fit(ctx: ServerContext, request: dict):
         stem = name.removesuffix(".raptorprobe")
         written = write_fit_outputs(result, job.folder / f"{stem}.raptorprobe")
         probe = result.probe
-        job.result = {"files": {"probe": written.probe.name, "metrics": written.metrics.name, "plot": written.plot.name},
-                      "table": metrics_table(probe.metrics, probe.task), "warnings": list(result.warnings),
+        files = {"probe": written.probe.name, "metrics": written.metrics.name, "plot": written.plot.name}
+        if written.reliability is not None:
+            files["reliability"] = written.reliability.name
+        table = metrics_table(probe.metrics, probe.task, in_sample=probe.training.get("fitted_on", ()))
+        job.result = {"files": files, "table": "\n".join([*decision_lines(probe), table]),
+                      "warnings": list(result.warnings),
                       "task": probe.task, "classes": list(probe.classes)}
 
     return run
@@ -409,7 +414,17 @@ def _fit_options(options, what: str):
             if not 1 <= len(value) <= 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
                 raise InputError(f"{what}: hidden must be one or two positive widths")
             value = tuple(value)
-        values[name] = value
+        if name == "threshold":
+            from ..probes.metrics import parse_threshold
+
+            parse_threshold(value)  # one line now rather than when the job runs
+        if name == "bootstrap" and not 0 <= value <= 100_000:
+            raise InputError(f"{what}: bootstrap must be between 0 and 100000 resamples")
+        if name == "class_weight" and value not in ("none", "balanced"):
+            raise InputError(f"{what}: class_weight must be none or balanced")
+        if name == "calibrate" and value not in ("none", "sigmoid", "isotonic"):
+            raise InputError(f"{what}: calibrate must be none, sigmoid or isotonic")
+        values[name] = None if name in ("class_weight", "calibrate") and value == "none" else value
     return FitOptions(**values)
 
 

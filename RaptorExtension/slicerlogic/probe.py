@@ -5,8 +5,9 @@ headless with ``slicer-core``; ``RaptorProbe/RaptorProbe.py`` only wires the
 panel to it.  It is tested against a real ``vtkMRMLScene``.
 
 What it makes in the scene
-  * a table node ``Raptor scores: <volume>`` (probe, class, score, predicted)
-    and a bar chart of it (Plots module);
+  * a table node ``Raptor scores: <volume>`` (probe, class, score, predicted,
+    and for thresholded outputs the threshold, the decision, and the probe's
+    sensitivity and specificity there) and a bar chart of it (Plots module);
   * for an explanation: a scalar volume ``<volume> <class> heatmap`` with the
     input's IJK-to-RAS (and parent transform), a diverging colour map centred
     on zero; one table per plane with the slice curve (slice index, RAS
@@ -64,12 +65,48 @@ PLANE_COLORS = {"axial": (0.95, 0.33, 0.27), "coronal": (0.43, 0.69, 0.31), "sag
 
 @dataclass
 class ProbeResult:
-    """One probe applied to one volume node."""
+    """One probe applied to one volume node: probabilities, the decision, and what the decision is worth."""
 
     probe: Probe
     names: list[str]
     scores: np.ndarray
     predicted: str
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Operating threshold on the probability of each thresholded output: the positive class of a binary probe,
+    each label of a multi-label one (0.5 for probes made before thresholds); empty for multi-class and regression."""
+    decisions: dict[str, bool] = field(default_factory=dict)
+    """The decision per class (binary and multi-class: True for the decided class) or per label (multi-label)."""
+    operating_points: dict[str, dict] = field(default_factory=dict)
+    """Per thresholded output, the probe's ``sensitivity`` and ``specificity`` at its threshold with 95% bootstrap
+    intervals (``sensitivity_ci95``, ``specificity_ci95``: ``[low, high]`` or None), the ``split`` they were measured
+    on (test, else val or the out-of-fold predictions, else train), ``in_sample`` and ``n``
+    (:meth:`Probe.operating_points`); values are None when the probe file holds no such metrics."""
+    calibrated: bool = False
+    """Whether the probabilities are calibrated (sigmoid or isotonic, fitted on out-of-fold predictions)."""
+    notes: list[str] = field(default_factory=list)
+    """Notes to show the user, e.g. that an old probe file decides at 0.5."""
+
+    def describe(self) -> list[str]:
+        """One line per thresholded output, e.g. ``lesion: p=0.312 >= 0.180: yes; sensitivity 0.87 (0.69-1.00),
+        specificity 0.89 (0.81-0.96) on test (n=80)``; for a multi-class probe the decided class."""
+        lines = []
+        for name, threshold in self.thresholds.items():
+            p = float(self.scores[self.names.index(name)])
+            line = f"{name}: p={p:.3f} {'>=' if p >= threshold else '<'} {threshold:.3f}: " \
+                   f"{'yes' if self.decisions.get(name) else 'no'}"
+            point = self.operating_points.get(name) or {}
+            if point.get("split"):
+                rates = []
+                for key in ("sensitivity", "specificity"):
+                    ci = point.get(f"{key}_ci95")
+                    if point.get(key) is not None:
+                        rates.append(f"{key} {point[key]:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""))
+                where = point["split"] + (", in-sample" if point.get("in_sample") else "")
+                line += f"; {', '.join(rates)} on {where} (n={point.get('n')})"
+            lines.append(line)
+        if not self.thresholds and self.probe.task == "multiclass":
+            lines.append(f"most likely: {self.predicted} (p={float(np.max(self.scores)):.3f})")
+        return lines
 
 
 @dataclass
@@ -187,9 +224,7 @@ class ProbeLogic:
         results = []
         for probe in probes:
             embedding = self.embeddingFor(volumeNode, probe)
-            x = embedding.vector[None]
-            results.append(ProbeResult(probe=probe, names=list(probe.classes), scores=probe.scores(x)[0],
-                                       predicted=probe.predict(x)[0]))
+            results.append(probeResult(probe, embedding.vector))
         if updateNodes:
             self.showScores(volumeNode, results)
         return results
@@ -205,6 +240,8 @@ class ProbeLogic:
         columns = {
             "Probe": vtk.vtkStringArray(), "Class": vtk.vtkStringArray(), "Label": vtk.vtkStringArray(),
             "Index": vtk.vtkDoubleArray(), "Score": vtk.vtkDoubleArray(), "Predicted": vtk.vtkStringArray(),
+            "Threshold": vtk.vtkDoubleArray(), "Decision": vtk.vtkStringArray(),
+            "Sensitivity": vtk.vtkDoubleArray(), "Specificity": vtk.vtkDoubleArray(),
         }
         for key, array in columns.items():
             array.SetName(key)
@@ -219,6 +256,13 @@ class ProbeLogic:
                 columns["Index"].InsertNextValue(float(row))
                 columns["Score"].InsertNextValue(float(score))
                 columns["Predicted"].InsertNextValue(result.predicted)
+                point = result.operating_points.get(cls) or {}
+                columns["Threshold"].InsertNextValue(float(result.thresholds.get(cls, np.nan)))
+                decision = result.decisions.get(cls)
+                columns["Decision"].InsertNextValue("" if decision is None else "yes" if decision else "no")
+                for key in ("Sensitivity", "Specificity"):
+                    value = point.get(key.lower())
+                    columns[key].InsertNextValue(float(value) if value is not None else np.nan)
                 row += 1
         table_node.SetAndObserveTable(table)
         table_node.SetAttribute(HEATMAP_ATTRIBUTE, volumeNode.GetID())
@@ -359,12 +403,16 @@ class ProbeLogic:
 
     # -- fitting -----------------------------------------------------------------
     def fit(self, embeddings: str | Path, labels: str | Path, output: str | Path, *, model: str = "auto",
-            select: str = "val", cGrid: Sequence[float] | None = None, waitForCompletion: bool = False,
+            select: str = "val", cGrid: Sequence[float] | None = None, threshold: str | None = None,
+            classWeight: str | None = None, calibrate: str | None = None, waitForCompletion: bool = False,
             completionCallback=None) -> FitJob:
         """Fit a probe on the server from an embedding CSV (or ``.npz`` folder) and a labels CSV.
 
-        The probe, ``<name>_metrics.json`` and the ROC (or predicted-vs-true) PNG
-        are written beside ``output``, as ``raptor probe fit`` writes them.
+        The probe, ``<name>_metrics.json``, the ROC (or predicted-vs-true) PNG
+        and a classification probe's reliability diagram are written beside
+        ``output``, as ``raptor probe fit`` writes them.  ``threshold``,
+        ``classWeight`` and ``calibrate`` are ``raptor probe fit``'s
+        ``--threshold``, ``--class-weight`` and ``--calibrate``.
         """
         from ..server.remote import file_sender
 
@@ -381,6 +429,9 @@ class ProbeLogic:
         options = {"model": model, "select": select}
         if cGrid:
             options["c_grid"] = [float(c) for c in cGrid]
+        for key, value in (("threshold", threshold), ("class_weight", classWeight), ("calibrate", calibrate)):
+            if value:
+                options[key] = str(value)
         request = {"kind": "fit", "options": options, "name": output.name, "embeddings": [None], "labels": None}
         uploads = []
         if self.compute.is_local:
@@ -391,7 +442,8 @@ class ProbeLogic:
                 raise InputError(f"{embeddings}: a remote server takes an embedding CSV, not a folder")
             uploads = [("embeddings.0", file_sender(embeddings, "table")), ("labels", file_sender(labels, "labels"))]
         job = FitJob(output=output, completion_callback=completionCallback,
-                     remote=RemoteJob(self.compute, request, uploads=uploads, fetch=["probe", "metrics", "plot"],
+                     remote=RemoteJob(self.compute, request, uploads=uploads, fetch=["probe", "metrics", "plot", "reliability"],
+                                      optional=["reliability"],
                                       label=f"fit of {output.name}"))
         self.fitJob = job
         if waitForCompletion:
@@ -414,6 +466,8 @@ class ProbeLogic:
             stem = output_stem(job.output)
             plot_suffix = "_roc.png" if files["plot"].endswith("_roc.png") else "_pred.png"
             targets = {"probe": job.output, "metrics": Path(f"{stem}_metrics.json"), "plot": Path(f"{stem}{plot_suffix}")}
+            if "reliability" in remote.results:
+                targets["reliability"] = Path(f"{stem}_reliability.png")
             try:
                 for name, target in targets.items():
                     with atomic_write(target) as handle:
@@ -576,6 +630,22 @@ class ProbeLogic:
             scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetForegroundOpacity(float(min(1.0, max(0.0, opacity))))
 
 
+def probeResult(probe: Probe, vector: np.ndarray) -> ProbeResult:
+    """A probe applied to one embedding vector, with its decision and operating point (no MRML needed)."""
+    x = np.asarray(vector)[None]
+    scores = probe.scores(x)[0]
+    result = ProbeResult(probe=probe, names=list(probe.classes), scores=scores, predicted=probe.predict(x)[0],
+                         calibrated=probe.calibration is not None, notes=list(probe.notes))
+    if probe.task == "regression":
+        return result
+    decided = probe.decide(scores[None])[0]
+    result.decisions = {name: bool(d) for name, d in zip(probe.classes, decided)}
+    if probe.thresholds is not None:
+        result.thresholds = dict(zip(probe.threshold_names, (float(t) for t in probe.thresholds)))
+        result.operating_points = probe.operating_points()
+    return result
+
+
 def _check_volume(node) -> None:
     if node is None:
         raise InputError("choose a volume")
@@ -594,7 +664,7 @@ def _node_named(scene, class_name: str, name: str):
     return None
 
 
-__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob", "FitJob", "path_or_none"]
+__all__ = ["ProbeLogic", "ProbeResult", "ExplainJob", "FitJob", "path_or_none", "probeResult"]
 
 
 def path_or_none(value) -> Path | None:

@@ -70,11 +70,12 @@ class RemoteJob:
     step_seconds = 0.03
 
     def __init__(self, compute, request: dict, *, uploads: Sequence[tuple[str, PieceSender]] = (),
-                 fetch: Sequence[str] = (), label: str = "job") -> None:
+                 fetch: Sequence[str] = (), optional: Sequence[str] = (), label: str = "job") -> None:
         self.compute = compute
         self.request = dict(request)
         self.uploads = list(uploads)
         self.fetch_names = list(fetch)
+        self.optional_names = set(optional)  # fetched when the result names them (e.g. a classification probe's plot)
         self.label = label
         self.phase = CONNECTING
         self.state = "running"
@@ -162,6 +163,8 @@ class RemoteJob:
             for name in self.fetch_names:
                 if name not in self.results:
                     if name not in files:
+                        if name in self.optional_names:
+                            continue
                         raise RaptorError(f"{self.label}: the server sent no {name}")
                     self._report(JobProgress("receiving the result", len(self.results), len(self.fetch_names), "files"))
                     self.results[name] = client.fetch(self.job_id, files[name])
