@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..embeddings.embedding import Embedding
 from ..errors import InputError
 from ..names import KNOWN_MODELS, OFFLINE_MODEL, PREPROCESS_CHOICES, PRESETS
+from .remote_job import format_seconds
 
 if TYPE_CHECKING:
     from ..encoding.settings import EmbedSettings
@@ -98,14 +99,6 @@ def choice_for_model(model_id: str) -> tuple[str, str]:
     if model_id == OFFLINE_MODEL:
         return OFFLINE_MODEL, ""
     return OTHER_MODEL_CHOICE, model_id
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s"
 
 
 def describe_embedding(embedding: Embedding) -> str:

@@ -9,7 +9,9 @@ settings); this class only takes them.
 
 from __future__ import annotations
 
-from ..errors import RaptorError
+import time
+
+from ..errors import Cancelled, RaptorError
 from ..server.client import RaptorClient
 from ..server.launcher import LocalServer
 
@@ -111,4 +113,50 @@ def set_shared_compute(compute: Compute) -> Compute:
     return compute
 
 
-__all__ = ["Compute", "LOCAL", "REMOTE", "describe_health", "shared_compute", "set_shared_compute"]
+class ServerLogic:
+    """What the modules' logics share: the scene they work on, the :class:`Compute` that runs their jobs, and
+    a blocking wait for scripts and tests (the panels poll from a timer instead)."""
+
+    _scene = None
+    _compute: Compute | None = None
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    @property
+    def compute(self) -> Compute:
+        return self._compute if self._compute is not None else shared_compute()
+
+    @compute.setter
+    def compute(self, value: Compute) -> None:
+        self._compute = value
+
+    def poll(self) -> bool:
+        """Main thread: advance the running jobs by one short step; True while one runs."""
+        raise NotImplementedError
+
+    def _idle(self) -> None:
+        """Called while a blocking call waits; Slicer's logic processes Qt events here."""
+
+    def _pump(self) -> None:
+        """Poll until nothing runs (blocking; the interface stays alive through :meth:`_idle`)."""
+        while self.poll():
+            self._idle()
+            time.sleep(0.002)
+
+    def _wait_for(self, job, what: str):
+        """Block until ``job`` ends; return it when done, raise its error or :class:`Cancelled` otherwise."""
+        self._pump()
+        if job.status == "failed":
+            raise RaptorError(job.error or f"{what} failed")
+        if job.status == "cancelled":
+            raise Cancelled()
+        return job
+
+
+__all__ = ["Compute", "LOCAL", "REMOTE", "ServerLogic", "describe_health", "shared_compute", "set_shared_compute"]

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.embedding import Embedding
-from ..errors import Cancelled, InputError, RaptorError
+from ..errors import InputError, RaptorError
 from ..probes.probe import Probe
-from .compute import Compute, shared_compute
+from .compute import Compute, ServerLogic
 from .node_attributes import node_label, read_embedding
 from .remote_job import RemoteJob
 
@@ -161,7 +161,7 @@ EmbedHook = Callable[[Any, Any], Embedding]
 """``hook(volumeNode, EmbedSettings) -> Embedding``: embeds a node that has no embedding yet."""
 
 
-class ProbeLogic:
+class ProbeLogic(ServerLogic):
     """Load probes, apply them to embedded volume nodes, explain them as MRML nodes."""
 
     def __init__(self, scene=None, *, compute: Compute | None = None, embedHook: EmbedHook | None = None) -> None:
@@ -178,22 +178,6 @@ class ProbeLogic:
         """The last :meth:`apply` results per volume node ID (what "Save to DICOM database" saves)."""
         self.scoresNodes: tuple = (None, None)
         """(table, bar chart) of the last :meth:`apply`."""
-
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
-
-    @property
-    def compute(self) -> Compute:
-        return self._compute if self._compute is not None else shared_compute()
-
-    @compute.setter
-    def compute(self, value: Compute) -> None:
-        self._compute = value
 
     # -- probes ------------------------------------------------------------
     def loadProbe(self, path: str | Path) -> Probe:
@@ -350,16 +334,7 @@ class ProbeLogic:
                                           label=f"explanation of {node_label(volumeNode)}"),
                          baseline=baseline, progress_callback=progressCallback, completion_callback=completionCallback)
         self.job = job
-        if not waitForCompletion:
-            return job
-        while self.poll():
-            self._idle()
-            time.sleep(0.002)
-        if job.status == "failed":
-            raise RaptorError(job.error or "the explanation failed")
-        if job.status == "cancelled":
-            raise Cancelled()
-        return job
+        return self._wait_for(job, "the explanation") if waitForCompletion else job
 
     def _probe_input(self, probe: Probe, request: dict, uploads: list) -> None:
         """The probe file by path for a local server, else uploaded (an unsaved probe is saved first)."""
@@ -373,9 +348,6 @@ class ProbeLogic:
             request["probe"] = {"path": str(path.resolve())}
         else:
             uploads.append(("probe", file_sender(path, "probe")))
-
-    def _idle(self) -> None:
-        """Called while a blocking call waits; Slicer's logic processes Qt events here."""
 
     def poll(self) -> bool:
         """Main thread: advance the running explanation and fit by one step each; True while one runs."""
@@ -475,15 +447,7 @@ class ProbeLogic:
                                       optional=["reliability"],
                                       label=f"fit of {output.name}"))
         self.fitJob = job
-        if waitForCompletion:
-            while self.poll():
-                self._idle()
-                time.sleep(0.002)
-            if job.status == "failed":
-                raise RaptorError(job.error or "the fit failed")
-            if job.status == "cancelled":
-                raise Cancelled()
-        return job
+        return self._wait_for(job, "the fit") if waitForCompletion else job
 
     def _conclude_fit(self, job: FitJob) -> None:
         from ..atomic import atomic_write
