@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, RaptorError
+from ..volumes.volume import Volume
 from .jobs import Job
 from .model_pool import ModelPool
 from .uploads import Uploads
@@ -127,44 +128,55 @@ def volume_info(data, what: str = "volume_info") -> VolumeInfo:
     return out
 
 
-def load_volume(ctx: ServerContext, request: dict, what: str = "volume"):
-    """The job's volume: an uploaded file or a path, read with Slicer's reader, then the client's names applied.
+def volume_loader(ctx: ServerContext, request: dict, what: str = "volume") -> Callable[[], Volume]:
+    """Check the job's volume now, read it later: returns the function that reads it (in the job).
 
-    When the client declares the exact IJK-to-RAS it wrote (a Slicer node's
-    geometry, say), the file's parsed geometry must agree to 1e-6 mm and the
-    declared one is used: so the server embeds exactly what the client would
-    have embedded itself.
+    Submitting must answer at once (the Slicer modules submit from their
+    timer, and a slow answer freezes the interface), so only the checks that
+    read no voxels run here: the upload or path, the client's names and
+    geometry, and the file's header against its size (a corrupt or truncated
+    file is a 400 now).  Reading the voxels with Slicer's reader happens when
+    the job runs.  When the client declares the exact IJK-to-RAS it wrote (a
+    Slicer node's geometry, say), the file's parsed geometry must agree to
+    1e-6 mm and the declared one is used: so the server embeds exactly what
+    the client would have embedded itself.
     """
+    from ..volumes.headers import check_volume_file
     from ..volumes.readers import expand_input, read_slicer_file
 
     ref = request.get("volume")
     path = input_path(ctx, ref, "volume", what)
     info = volume_info(request.get("volume_info"))
-    if "upload" in ref:
-        volume = read_slicer_file(path, id=info.id or "volume")
+    uploaded = "upload" in ref
+    if uploaded:
+        check_volume_file(path)
     else:
         refs = expand_input(str(path))
         if len(refs) != 1:
             raise InputError(f"{what}: {path} holds {len(refs)} volumes; name one")
-        volume = refs[0].load()
-    if info.ijk_to_ras is not None:
-        read = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-        if np.abs(read - info.ijk_to_ras).max() > 1e-6 * max(1.0, float(np.abs(info.ijk_to_ras).max())):
-            raise InputError(f"{what}: the file's geometry differs from the geometry declared with it")
-        volume.ijk_to_ras = info.ijk_to_ras
-    if info.id:
-        volume.id = info.id
-    if info.source:
-        volume.source = info.source
-    elif "upload" in ref:
-        volume.source = f"upload:{volume.id}"  # never the server's own path
-    if info.modality:
-        volume.modality = info.modality
-    if info.info:
-        volume.info = dict(info.info)
-    if info.has_geometry is not None:
-        volume.has_geometry = info.has_geometry
-    return volume
+
+    def load() -> Volume:
+        volume = read_slicer_file(path, id=info.id or "volume") if uploaded else refs[0].load()
+        if info.ijk_to_ras is not None:
+            read = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+            if np.abs(read - info.ijk_to_ras).max() > 1e-6 * max(1.0, float(np.abs(info.ijk_to_ras).max())):
+                raise InputError(f"{what}: the file's geometry differs from the geometry declared with it")
+            volume.ijk_to_ras = info.ijk_to_ras
+        if info.id:
+            volume.id = info.id
+        if info.source:
+            volume.source = info.source
+        elif uploaded:
+            volume.source = f"upload:{volume.id}"  # never the server's own path
+        if info.modality:
+            volume.modality = info.modality
+        if info.info:
+            volume.info = dict(info.info)
+        if info.has_geometry is not None:
+            volume.has_geometry = info.has_geometry
+        return volume
+
+    return load
 
 
 # ---------------------------------------------------------------------------
@@ -222,9 +234,11 @@ def _check_device(device: str, what: str) -> None:
 
 def _prepare_embed(ctx: ServerContext, request: dict):
     settings = _settings(ctx, request)
-    volume = load_volume(ctx, request)  # a corrupt or refused file is answered now, as a 400
+    load = volume_loader(ctx, request)  # a corrupt or refused file is answered now, as a 400
 
     def run(job: Job) -> None:
+        job.set_stage("reading the volume")
+        volume = load()
         embedder = _embedder(job, ctx, settings)
         job.set_stage("encoding", f"{volume.id} on {embedder.encoder.device}")
         embedding = embedder.embed_volume(volume, progress=lambda _id, done, total: job.progress(done, total),
@@ -297,7 +311,7 @@ def _prepare_explain(ctx: ServerContext, request: dict):
     probe = Probe.load(probe_path)
     if not probe.is_linear:
         raise InputError(f"probe {probe.label()} is an MLP; only linear probes (logistic, ridge) can be explained exactly")
-    volume = load_volume(ctx, request)
+    load = volume_loader(ctx, request)
     output = _field(request, "output", str, what)
     model = _field(request, "model", str, what)
     _check_model(ctx, model or probe.embedding.get("encoder"), what)
@@ -320,6 +334,8 @@ def _prepare_explain(ctx: ServerContext, request: dict):
         from ..probes.probe_settings import embed_settings_for
         from ..volumes.slicer_io import write_volume_file
 
+        job.set_stage("reading the volume")
+        volume = load()
         settings = embed_settings_for(probe, model=model, device=device, batch_size=batch_size,
                                       projection_file=projection_file)
         if not settings.model:
@@ -536,4 +552,4 @@ def _batch_runner(ctx: ServerContext, spec):
 
 
 
-__all__ = ["ServerContext", "Forbidden", "prepare", "allowed_path", "input_path", "load_volume", "volume_info"]
+__all__ = ["ServerContext", "Forbidden", "prepare", "allowed_path", "input_path", "volume_loader", "volume_info"]
