@@ -210,8 +210,10 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed: a running explanation is dropped."""
-        self.logic.cancel()
+        """Called just before the scene is closed: a running explanation is dropped (a fit, which only uses
+        files, goes on)."""
+        if self.logic.job is not None and not self.logic.job.finished:
+            self.logic.job.cancel()
         self._heatmapNode = None
         self.setParameterNode(None)
 
@@ -404,7 +406,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == "done":
             ex = job.explanation
             self._heatmapNode = job.nodes["heatmap"]
-            self.logic.showHeatmap(self._parameterNode.inputVolume, self._heatmapNode, self._parameterNode.heatmapOpacity)
+            explained = slicer.mrmlScene.GetNodeByID(job.node_id)  # the volume explained, whatever is selected now
+            self.logic.showHeatmap(explained, self._heatmapNode, self._parameterNode.heatmapOpacity)
             slicer.modules.plots.logic().ShowChartInLayout(job.nodes["chart"])
             self._connectPlotView()
             kind = "logit" if ex.task != "regression" else "value"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -158,6 +159,11 @@ def test_health_says_version_devices_models_and_queue(raptor_server):
 
     info = raptor_server.client().health()
     assert info["version"] == __version__ and info["api"] == "v1"
+    for _ in range(600):  # the device list is found in the background (importing PyTorch takes a while)
+        if info["devices_ready"]:
+            break
+        time.sleep(0.05)
+        info = raptor_server.client().health()
     assert info["devices"][0]["name"] == "cpu"
     assert set(info["queue"]) == {"interactive", "batch"}
     assert isinstance(info["models"], list)

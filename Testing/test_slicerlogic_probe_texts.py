@@ -43,3 +43,21 @@ def test_calibrated_and_weighted_probes_say_so():
     assert text.splitlines()[0] == "finding (calibrated probabilities):"
     lines = ProbeLogic.describeDecisions(probe)
     assert any("class weight balanced" in line and "sigmoid calibration" in line for line in lines)
+
+
+def test_a_probe_made_with_a_projector_file_is_refused_in_slicer_terms(tmp_path):
+    """The panels cannot send a projector file: say what works instead, before any volume is sent."""
+    import pytest
+    import slicer
+
+    from RaptorExtension.errors import RaptorError
+
+    probe, _, _ = fitted_probe()
+    probe.embedding = dict(probe.embedding, projection="file", seed=None)
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6), np.int16))
+    logic = ProbeLogic(scene, embedHook=lambda n, s: pytest.fail("nothing may be embedded"))
+    for attempt in (lambda: logic.explain(node, probe), lambda: logic.embeddingFor(node, probe)):
+        with pytest.raises(RaptorError, match="projector file .*raptor explain PROBE VOLUME --projection-file"):
+            attempt()

@@ -175,8 +175,10 @@ def test_bad_grid_and_planes(tiny_encoder):
 
     with pytest.raises(RaptorError, match="grid"):
         EmbedSettings(grid="huge")
-    with pytest.raises(ModelError, match="planes"):
-        Embedder(EmbedSettings(model="tiny", k=4, planes=("axial", "oblique")), encoder=tiny_encoder)
+    with pytest.raises(RaptorError, match="planes must be some of axial, coronal, sagittal"):
+        EmbedSettings(model="tiny", k=4, planes=("axial", "oblique"))
+    with pytest.raises(RaptorError, match="each once"):
+        EmbedSettings(model="tiny", k=4, planes=("axial", "axial"))
 
 
 def copy_slices(dicom_series: Path, folder: Path, n: int) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,9 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
 
     def keep(items: list[SeriesItem], fill: bool) -> None:
         for item in items:
+            if outside(item):
+                excluded.append((item, "its files lie outside the folders this server may read"))
+                continue
             if fill and (filters.needs_headers or needs_modality):
                 fill_headers(item)
             reason = filters.exclusion(item)
@@ -71,6 +75,17 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
                 excluded.append((item, reason))
             else:
                 found.items.append(item)
+
+    roots = [Path(r).resolve() for r in job.read_roots] if job.read_roots is not None else None
+
+    def outside(item: SeriesItem) -> bool:
+        if roots is None or item.kind == "dicomweb":
+            return False
+        for path in item.paths:
+            resolved = Path(path).resolve()
+            if not any(resolved == root or root in resolved.parents for root in roots):
+                return True
+        return False
 
     def shown(kind: str, path: str, n: int, of: int) -> str:
         # Anonymized jobs never print a path: a folder may be named after a patient.
@@ -89,8 +104,10 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
         if progress:
             progress(BatchProgress("discovering", message=f"reading {shown('database', database, n, len(job.sources.dicom_databases))}"))
         part, left_out = discover_database(database, filters, cancel=cancel)
-        found.extend(part)
         excluded.extend(left_out)
+        keep(part.items, fill=False)
+        part.items = []
+        found.extend(part)
     keep(list(job.sources.items), fill=True)
     for access in job.sources.dicomweb:
         from .dicomweb import discover_dicomweb

@@ -141,7 +141,7 @@ def volume_loader(ctx: ServerContext, request: dict, what: str = "volume") -> Ca
     1e-6 mm and the declared one is used: so the server embeds exactly what
     the client would have embedded itself.
     """
-    from ..volumes.headers import check_volume_file
+    from ..volumes.headers import check_volume_file, declared
     from ..volumes.readers import expand_input, read_slicer_file
 
     ref = request.get("volume")
@@ -149,6 +149,9 @@ def volume_loader(ctx: ServerContext, request: dict, what: str = "volume") -> Ca
     info = volume_info(request.get("volume_info"))
     uploaded = "upload" in ref
     if uploaded:
+        found = declared(path)
+        if found is not None and found.data_path is not None and Path(found.data_path).resolve() != path.resolve():
+            raise InputError(f"{what}: its header names another file for its voxels; send one self-contained file")
         check_volume_file(path)
     else:
         refs = expand_input(str(path))
@@ -298,9 +301,29 @@ def _embedder(job: Job, ctx: ServerContext, settings):
         except Exception as exc:  # no network, gated model...: loading below says it in the user's terms
             job.set_stage("loading model", f"download failed ({type(exc).__name__}); trying the cache")
     job.set_stage("loading model", settings.model)
-    embedder = ctx.models.embedder_for(settings)
+    embedder = ctx.models.embedder_for(_with_client_projector_name(job, ctx, settings))
     job.check_cancel()
     return embedder
+
+
+def _with_client_projector_name(job: Job, ctx: ServerContext, settings):
+    """An uploaded projector read under the client's file name (the metadata records it), never the upload's."""
+    import dataclasses
+    import os
+    import shutil
+
+    if settings.projection_file is None:
+        return settings
+    upload = ctx.uploads.find(Path(settings.projection_file))
+    if upload is None:
+        return settings
+    named = job.folder / "projector" / upload.name
+    named.parent.mkdir(exist_ok=True)
+    try:
+        os.link(upload.path, named)
+    except OSError:
+        shutil.copyfile(upload.path, named)
+    return dataclasses.replace(settings, projection_file=str(named))
 
 
 def _prepare_explain(ctx: ServerContext, request: dict):
@@ -408,6 +431,27 @@ def _prepare_fit(ctx: ServerContext, request: dict):
     return run
 
 
+def _is_errors_csv(head: bytes) -> bool:
+    from ..cohort.errorlog import COLUMNS
+
+    return head.split(b"\n", 1)[0].strip() == ",".join(COLUMNS).encode()
+
+
+def _refuse_replacing_others(path: Path | None, what: str, is_ours: Callable[[bytes], bool]) -> None:
+    """A batch replaces its errors CSV and its Parquet file: an existing file there must be one of those, so a
+    client cannot make the server overwrite other files under its folders (labels, probes, scans)."""
+    if path is None or not path.exists():
+        return
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as exc:
+        raise InputError(f"{what}: {path.name}: cannot be read ({exc.strerror})") from None
+    if not path.is_file() or not is_ours(head):
+        raise Forbidden(f"{what}: {path.name} exists and is not one Raptor wrote; the server replaces only its own "
+                        "outputs there (choose a new file name)")
+
+
 def _fit_options(options, what: str):
     from ..probes.probe import FitOptions
 
@@ -476,6 +520,10 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     parquet = allowed_path(ctx, parquet, f"{what} parquet", must_exist=False) if parquet is not None else None
     errors_csv = request.get("errors_csv")
     errors_csv = allowed_path(ctx, errors_csv, f"{what} errors_csv", must_exist=False) if errors_csv is not None else None
+    from ..cohort.job import errors_path_for
+
+    _refuse_replacing_others(errors_csv or errors_path_for(csv), f"{what} errors_csv", _is_errors_csv)
+    _refuse_replacing_others(parquet, f"{what} parquet", lambda head: head.startswith(b"PAR1"))
     filters_data = request.get("filters") or {}
     if not isinstance(filters_data, dict):
         raise InputError(f"{what}: 'filters' must be a JSON object")
@@ -488,8 +536,9 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what}: filters: {exc}") from None
     shard = request.get("shard", [0, 1])
-    if not (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
-        raise InputError(f"{what}: 'shard' must be [index, count]")
+    if not (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            and 0 <= shard[0] < shard[1] <= 100_000):
+        raise InputError(f"{what}: 'shard' must be [index, count] with 0 <= index < count")
     salt = _field(request, "anonymize_salt", str, what)
     anonymizer = Anonymizer(salt) if salt else None
     readers = _field(request, "readers", int, what, 2)
@@ -498,7 +547,8 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     job_spec = BatchJob(csv=str(csv), sources=batch_sources, settings=settings, filters=filters, shard=tuple(shard),
                         readers=readers, anonymizer=anonymizer,
                         keep_descriptions=bool(_field(request, "keep_descriptions", bool, what, False)),
-                        parquet=str(parquet) if parquet else None, errors_csv=str(errors_csv) if errors_csv else None)
+                        parquet=str(parquet) if parquet else None, errors_csv=str(errors_csv) if errors_csv else None,
+                        read_roots=list(ctx.allow_roots))
     return _batch_runner(ctx, job_spec)
 
 

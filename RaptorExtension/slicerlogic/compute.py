@@ -60,6 +60,16 @@ class Compute:
     def health(self) -> dict:
         return self.connect().health()
 
+    def try_health(self) -> dict | None:
+        """The server's health, or ``None`` while a local server is still starting.
+
+        The panel's Test button polls this from a timer, so the interface keeps
+        answering while a local server imports PyTorch (seconds to a minute); a
+        server that died while starting raises its one-line error.
+        """
+        client = self.client()
+        return None if client is None else client.health()
+
     def where(self) -> str:
         """Where jobs run, for the panel: ``this computer`` or the server's address."""
         return "this computer" if self.is_local else self.url
@@ -85,7 +95,7 @@ def describe_health(info: dict, where: str) -> str:
     devices = ", ".join(
         f"{d['name']} {d.get('model', '')} ({d['memory_gb']:.0f} GB)".replace("  ", " ") if d.get("kind") == "cuda" else d["name"]
         for d in info.get("devices", [])
-    ) or "no device reported"
+    ) or ("still looking for devices" if info.get("devices_ready") is False else "no device reported")
     models = info.get("models") or []
     loaded = "; ".join(f"{m['model']} on {m['device']} ({m['precision']})" for m in models) or "no model loaded"
     queue = sum(int(v) for v in (info.get("queue") or {}).values())

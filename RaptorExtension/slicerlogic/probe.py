@@ -200,6 +200,7 @@ class ProbeLogic(ServerLogic):
                 raise RaptorError(f"{node_label(volumeNode)}: has no Raptor embedding yet; embed it with RaptorEmbed first")
             from ..probes.probe_settings import embed_settings_for
 
+            _refuse_projector_file(probe)
             embedding = self.embedHook(volumeNode, embed_settings_for(probe))
         probe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), node_label(volumeNode))
         return embedding
@@ -319,6 +320,7 @@ class ProbeLogic(ServerLogic):
         _check_volume(volumeNode)
         if not probe.is_linear:
             raise RaptorError(f"probe {probe.label()} is an MLP; only linear probes can be explained exactly")
+        _refuse_projector_file(probe)
         volume = volume_from_node(volumeNode, id=node_label(volumeNode), source=node_label(volumeNode),
                                   modality=volumeNode.GetAttribute("DICOM.Modality"))
         from ..probes.explanation import BASELINES
@@ -660,6 +662,18 @@ def probeResult(probe: Probe, vector: np.ndarray) -> ProbeResult:
         result.thresholds = dict(zip(probe.threshold_names, (float(t) for t in probe.thresholds)))
         result.operating_points = probe.operating_points()
     return result
+
+
+def _refuse_projector_file(probe: Probe) -> None:
+    """The panels cannot send a projector file yet: say so in Slicer's terms, and what does work."""
+    from ..encoding.projection import FILE_PROJECTION
+
+    if probe.embedding.get("projection") == FILE_PROJECTION:
+        raise RaptorError(
+            f"probe {probe.label()} was fitted on embeddings made with a projector file (raptor embed "
+            "--projection-file); the Slicer modules cannot embed with one yet: use `raptor explain PROBE VOLUME "
+            "--projection-file R.npy` on the command line"
+        )
 
 
 def _check_volume(node) -> None:
