@@ -50,7 +50,7 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
     assert "single slice, a 2D image" in errors[localizer.series_uid]["reason"]
     assert "mixed geometry" in errors[mixed.series_uid]["reason"]
     nifti = next(row for row in errors.values() if row["source"].endswith("broken.nii.gz"))
-    assert nifti["id"] == "broken" and "broken.nii.gz" in nifti["reason"]
+    assert nifti["id"] == "bad__broken" and "broken.nii.gz" in nifti["reason"]
     assert all("\n" not in row["reason"] for row in errors.values())
     record = json.loads((tmp_path / "out" / "cohort.batch.json").read_text())
     assert record["status"] == "complete" and record["counts"]["failed"] == 5

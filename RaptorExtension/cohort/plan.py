@@ -134,7 +134,9 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     if count < 1 or not 0 <= index < count:
         raise RaptorError(f"shard {index}/{count}: shards are numbered 0..N-1")
     found, excluded = discover(job, cancel=cancel, progress=progress)
-    raw_ids = assign_ids(found.items, roots=job.sources.folders)
+    # Ids are paths below the folder or manifest a file was found in: never renamed by files added later.
+    roots = [*job.sources.folders, *(os.path.dirname(os.path.abspath(m)) for m in job.sources.manifests)]
+    raw_ids = assign_ids(found.items, roots=roots)
     anonymizer = job.anonymizer
     planned = []
     for raw, item in zip(raw_ids, found.items):
