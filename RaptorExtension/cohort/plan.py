@@ -43,6 +43,9 @@ class Plan:
     shard: tuple[int, int]
     failed_sources: list[tuple[str, str]] = field(default_factory=list)
     """(where, reason) for each source that could not be listed (a PACS that refused or was unreachable)."""
+    modalities: list[str] = field(default_factory=list)
+    """Every shard's series' modalities ('' when unknown), one per series: the intensity preset is the cohort's,
+    so each shard (an empty one too) records the same settings and the parts merge."""
 
     @property
     def cohort_sha256(self) -> str:
@@ -148,7 +151,8 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     planned.sort(key=lambda p: p.id)
     mine = [p for p in planned if shard_of(p.id, count) == index] if count > 1 else planned
     return Plan(series=mine, cohort_ids=sorted(ids), excluded=excluded, unusable_files=found.skipped_files,
-                shard=(index, count), failed_sources=found.failed_sources)
+                shard=(index, count), failed_sources=found.failed_sources,
+                modalities=[p.item.modality or "" for p in planned])
 
 
 def _one_line(value) -> str:
