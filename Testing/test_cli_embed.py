@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import SAMPLE_CT
 
@@ -99,6 +100,7 @@ def test_medmnist_npz_selectors(tiny_model_dir, tmp_path, adrenal28, capsys):
     assert sorted(p.name for p in out.glob("*.npz")) == ["test_3.npz", "val_0.npz"]
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_module(tiny_model_dir, tmp_path):
     out = tmp_path / "emb"
     proc = subprocess.run([sys.executable, "-m", "RaptorExtension", *embed_args(tiny_model_dir, str(SAMPLE_CT), "-o", str(out))],

@@ -12,6 +12,8 @@ from helpers import blob_volume, oblique_matrix, write_volume
 from RaptorExtension.cli import main
 from RaptorExtension.probes.probe import Probe, load_embeddings
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 SPLIT_SIZES = {"train": 20, "val": 8, "test": 8}
 
 

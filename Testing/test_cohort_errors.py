@@ -22,6 +22,8 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
 def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp_path, capsys):
     root = tmp_path / "cohort"
     good = write_cohort(root, 3)
@@ -63,6 +65,7 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
 PATIENT = "RPT-PAT-0042"
 
 
+@pytest.mark.needs_shared_data
 def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsys, monkeypatch):
     root = tmp_path / "data" / PATIENT
     ct = write_axial(small_ct(0), root / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT}")
@@ -111,6 +114,7 @@ def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsy
     assert read_table(out).ids == table.ids
 
 
+@pytest.mark.needs_shared_data
 def test_anonymize_can_keep_descriptions_with_the_patient_masked(tiny_model_dir, tmp_path, capsys):
     write_axial(small_ct(0), tmp_path / "data" / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT} arterial")
     out = tmp_path / "keep.csv"
@@ -135,6 +139,7 @@ def test_bad_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys, extra
     assert not (tmp_path / "o.csv").exists()
 
 
+@pytest.mark.needs_shared_data
 def test_a_cohort_mixing_intensity_presets_is_refused(tiny_model_dir, tmp_path, capsys):
     write_axial(small_ct(0), tmp_path / "data" / "ct")
     write_nrrd(tmp_path / "data" / "plain.nrrd", (np.arange(8 * 9 * 10) % 17).astype(np.int16).reshape(8, 9, 10))

@@ -27,7 +27,7 @@ from RaptorExtension.errors import MetadataMismatch, RaptorError
 
 
 @pytest.fixture(scope="module")
-def manifest_of_many(tmp_path_factory) -> tuple[Path, int]:
+def manifest_of_many(shared_data, tmp_path_factory) -> tuple[Path, int]:
     """A manifest listing one small series folder under many ids: a long job made of quick volumes."""
     root = tmp_path_factory.mktemp("many")
     series = write_axial(small_ct(0), root / "series", patient_id="RAPTOR-TEST-0001")
@@ -37,6 +37,7 @@ def manifest_of_many(tmp_path_factory) -> tuple[Path, int]:
     return manifest, count
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_adds_exactly_the_missing_rows(manifest_of_many, tiny_model_dir, tmp_path, capsys):
     manifest, count = manifest_of_many
     out = tmp_path / "cohort.csv"
@@ -74,6 +75,7 @@ def test_sigkill_mid_run_then_rerun_adds_exactly_the_missing_rows(manifest_of_ma
     assert "embedded 0, skipped 24 already done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cancel_keeps_finished_rows_and_resume_completes(manifest_of_many, tiny_model_dir, tmp_path):
     manifest, count = manifest_of_many
     out = tmp_path / "cohort.csv"
@@ -119,6 +121,7 @@ def test_rerun_with_other_settings_or_shard_is_refused(manifest_of_many, tiny_mo
     assert len(read_table(small).ids) == 1
 
 
+@pytest.mark.slow
 def test_files_added_between_runs_never_move_or_reembed_earlier_rows(tiny_model_dir, tmp_path):
     """Shards and resume keys are the ids: a second ct.nrrd in another folder must not rename the first."""
     root = tmp_path / "cohort"

@@ -18,11 +18,13 @@ from RaptorExtension.cohort.sources import shard_of
 from RaptorExtension.embeddings.table import read_table
 from RaptorExtension.errors import MetadataMismatch, RaptorError
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 SHARDS = 3
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort(shared_data, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards") / "cohort"
     write_cohort(folder, 7)
     return folder

@@ -25,6 +25,7 @@ from RaptorExtension.cohort.sources import (
 from RaptorExtension.errors import InputError, RaptorError
 
 
+@pytest.mark.needs_shared_data
 def test_folder_tree_groups_dicom_by_series_and_finds_volume_files(tmp_path):
     written = write_cohort(tmp_path / "cohort", 3)
     # One series split over two folders (regrouped by UID), and a second series in the same folder as another.
@@ -82,6 +83,7 @@ def test_filters_by_modality_slices_and_description():
         SeriesFilter(description="(unclosed")
 
 
+@pytest.mark.needs_shared_data
 def test_manifest_paths_ids_and_header_filling(tmp_path):
     written = write_cohort(tmp_path / "data", 2)
     nrrd = write_nrrd(tmp_path / "data" / "vol.nrrd", np.ones((5, 6, 7), dtype=np.int16))

@@ -22,6 +22,8 @@ from RaptorExtension.errors import RaptorError
 from RaptorExtension.server.client import RaptorClient, ServerUnreachable
 from RaptorExtension.server.launcher import LocalServer
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

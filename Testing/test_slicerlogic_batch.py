@@ -18,7 +18,7 @@ from RaptorExtension.slicerlogic.embed_job import CANCELLED, DONE
 
 
 @pytest.fixture(scope="module")
-def database(tmp_path_factory):
+def database(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("slicerdb")
     folder = root / "SlicerDICOMDatabase"
     db = create_database(folder / "ctkDICOM.sql")

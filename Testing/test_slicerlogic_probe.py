@@ -23,17 +23,6 @@ from RaptorExtension.volumes.slicer_io import (
 
 
 @pytest.fixture
-def scene():
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-
-
-@pytest.fixture
 def settings(tiny_model_dir) -> EmbedSettings:
     return EmbedSettings(model=str(tiny_model_dir), k=8, grid=16, preset="minmax", device="cpu")
 
@@ -108,6 +97,7 @@ def fitted_probe(embedder, columns: dict, n: int = 240, seed: int = 5):
     return fit_probe(embeddings, Labels(path=Path("labels.csv"), ids=ids, splits=splits, columns=values)).probe
 
 
+@pytest.mark.slow
 def test_apply_reports_the_decision_at_the_threshold_and_the_operating_point(scene, settings, tiny_encoder, tmp_path):
     """ProbeResult carries what the panel shows beside the bar chart: threshold, decision, sensitivity, specificity."""
     from pathlib import Path
@@ -349,6 +339,7 @@ def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, rapt
         logic.fit(table, label_file, tmp_path / "bad", threshold="sometimes", waitForCompletion=True)
 
 
+@pytest.mark.slow
 def test_apply_on_a_volume_without_an_embedding_never_imports_torch(tmp_path):
     """Slicer builds Apply's path before PyTorch is installed: asking which embedding a probe needs stays torch-free."""
     import subprocess

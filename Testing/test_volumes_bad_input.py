@@ -114,6 +114,7 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, bad_inputs, tiny_mod
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 def test_continue_on_error_finishes_the_others(bad_inputs, tiny_model_dir, tmp_path, capsys):
     good = tmp_path / "good.npy"
     np.save(good, synthetic_volume((8, 9, 10)))
