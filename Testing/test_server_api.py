@@ -75,6 +75,7 @@ def test_listening_beyond_loopback_without_a_token_is_refused_at_start():
     assert len(lines) == 1 and lines[0].startswith("raptor: error: refusing to listen on 0.0.0.0 without a token")
 
 
+@pytest.mark.slow
 def test_an_oversized_upload_gets_413_and_the_server_goes_on(tmp_path):
     server = start_server(tmp_path, "--max-upload-mb", "1")
     try:
@@ -136,6 +137,7 @@ def test_paths_outside_the_allowed_roots_get_403(raptor_server, tmp_path):
         assert caught.value.status == 403 and "outside the folders this server may use" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_server_with_no_allowed_root_reads_no_paths(tmp_path):
     import os
 

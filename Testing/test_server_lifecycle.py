@@ -23,6 +23,8 @@ from RaptorExtension.server.client import RaptorClient, ServerUnreachable
 from RaptorExtension.server.launcher import LocalServer
 from RaptorExtension.slicerlogic.compute import Compute
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

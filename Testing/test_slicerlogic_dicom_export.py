@@ -22,17 +22,6 @@ from RaptorExtension.volumes.slicer_io import numpy_to_matrix, volume_from_node
 hd = pytest.importorskip("highdicom")
 
 
-@pytest.fixture
-def scene():
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-
-
 def node_from_dicom(scene, folder, name="CT"):
     """A volume node as Slicer's DICOM loader leaves it: voxels, geometry and the instance UIDs."""
     import slicer
@@ -49,6 +38,7 @@ def node_from_dicom(scene, folder, name="CT"):
     return node, uids
 
 
+@pytest.mark.needs_shared_data
 def test_scores_and_heatmap_of_a_dicom_node_are_saved_for_the_database(scene, tiny_model_dir, tiny_encoder, tmp_path,
                                                                       raptor_server):
     written = write_axial(small_ct(2), tmp_path / "ct", patient_id="RAPTOR-SLICER-1",

@@ -44,6 +44,9 @@ class Plan:
     shard: tuple[int, int]
     failed_sources: list[tuple[str, str]] = field(default_factory=list)
     """(where, reason) for each source that could not be listed (a PACS that refused or was unreachable)."""
+    modalities: list[str] = field(default_factory=list)
+    """Every shard's series' modalities ('' when unknown), one per series: the intensity preset is the cohort's,
+    so each shard (an empty one too) records the same settings and the parts merge."""
 
     @property
     def cohort_sha256(self) -> str:
@@ -151,7 +154,9 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     if count < 1 or not 0 <= index < count:
         raise RaptorError(f"shard {index}/{count}: shards are numbered 0..N-1")
     found, excluded = discover(job, cancel=cancel, progress=progress)
-    raw_ids = assign_ids(found.items, roots=job.sources.folders)
+    # Ids are paths below the folder or manifest a file was found in: never renamed by files added later.
+    roots = [*job.sources.folders, *(os.path.dirname(os.path.abspath(m)) for m in job.sources.manifests)]
+    raw_ids = assign_ids(found.items, roots=roots)
     anonymizer = job.anonymizer
     planned = []
     for raw, item in zip(raw_ids, found.items):
@@ -163,7 +168,8 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     planned.sort(key=lambda p: p.id)
     mine = [p for p in planned if shard_of(p.id, count) == index] if count > 1 else planned
     return Plan(series=mine, cohort_ids=sorted(ids), excluded=excluded, unusable_files=found.skipped_files,
-                shard=(index, count), failed_sources=found.failed_sources)
+                shard=(index, count), failed_sources=found.failed_sources,
+                modalities=[p.item.modality or "" for p in planned])
 
 
 def _one_line(value) -> str:

@@ -165,13 +165,13 @@ def _run_locked(job: BatchJob, outputs, *, progress, cancel, embedder, load_embe
 
 
 def _single_preset(job: BatchJob, plan: Plan) -> str:
-    """The one intensity preset of this cohort; a cohort whose modalities need different ones is refused."""
+    """The one intensity preset of this cohort (all shards); a cohort whose modalities need different ones is refused."""
     from ..volumes.intensity import resolve_preset
 
     s = job.settings
     presets: dict[str, set[str]] = {}
-    for planned in plan.series:
-        modality = planned.item.modality or None
+    for modality in plan.modalities:
+        modality = modality or None
         name = resolve_preset(s.preset, modality, s.ct_window).describe()
         presets.setdefault(name, set()).add(modality or "unknown")
     if len(presets) > 1:
