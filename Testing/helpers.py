@@ -207,6 +207,30 @@ def start_server(root: Path, *args: str, token: str | None = "t" * 24, timeout: 
     return RunningServer(process, line, token, root, log)
 
 
+def sigkill_once_rows_written(process, table: Path, rows: int = 2, timeout: float = 300.0) -> None:
+    """SIGKILL ``process`` (a ``raptor`` run writing ``table``) as soon as the table holds a header and ``rows`` rows.
+
+    Fails the test if the run ends on its own before that (it printed why on its
+    stderr, which must be a pipe); the process is always reaped and its stderr closed.
+    """
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if table.exists() and table.read_bytes().count(b"\n") >= rows + 1:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-500:]}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """The error lines of dicom3tools' ``dciodvfy`` for a DICOM file (warnings are left out); skips without it."""
     import shutil

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SAMPLE_CT
+from helpers import sigkill_once_rows_written
 
 from RaptorExtension.cli import main
 from RaptorExtension.embeddings.embedding import Embedding
@@ -189,19 +188,7 @@ def test_a_killed_embed_csv_run_resumes_with_exactly_the_missing_rows(slow_model
     args = ["embed", *vols, "--model", str(slow_model_dir), "--k", "8", "--grid", "32", "-q", "--device", "cpu",
             "--csv", str(csv_path)]
     process = raptor_process(args, threads=1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # one thread, as here
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if csv_path.exists() and csv_path.read_bytes().count(b"\n") >= 3:  # the header and two rows
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-500:]}"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    sigkill_once_rows_written(process, csv_path)
     survived = index_table(csv_path, allow_torn_tail=True).ids
     assert 2 <= len(survived) < count
     after_kill = csv_path.read_bytes()

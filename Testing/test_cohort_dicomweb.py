@@ -8,10 +8,8 @@ list, WADO-RS to retrieve, STOW-RS to send results back.
 from __future__ import annotations
 
 import csv
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pydicom
 import pytest
 from batch_fixtures import ROOT, small_ct, tiny_cli_args, tiny_settings, write_cohort
 from derived_dicom import write_axial
-from helpers import random_probe
+from helpers import random_probe, sigkill_once_rows_written
 from orthanc_server import free_port
 from pydicom.uid import generate_uid
 
@@ -128,19 +126,7 @@ def test_a_killed_batch_over_dicomweb_resumes(pacs, tiny_model_dir, tmp_path, ca
             "--preset", "minmax", "-q", *tiny_cli_args(tiny_model_dir)]
     process = subprocess.Popen([sys.executable, "-m", "RaptorExtension", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 3:
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, f"the batch ended before it could be killed: {process.stderr.read().decode()[-500:]}"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    sigkill_once_rows_written(process, out)
     survived = index_table(out, allow_torn_tail=True)
     assert 2 <= len(survived.ids) < len(written)
     assert main(args) == 0

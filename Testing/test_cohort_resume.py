@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from batch_fixtures import ROOT, small_ct, tiny_cli_args, tiny_settings
 from derived_dicom import write_axial
-from helpers import write_nrrd
+from helpers import sigkill_once_rows_written, write_nrrd
 
 from RaptorExtension.cli import main
 from RaptorExtension.cohort.job import BatchJob, BatchSources
@@ -30,7 +28,7 @@ from RaptorExtension.errors import MetadataMismatch, RaptorError
 def manifest_of_many(shared_data, tmp_path_factory) -> tuple[Path, int]:
     """A manifest listing one small series folder under many ids: a long job made of quick volumes."""
     root = tmp_path_factory.mktemp("many")
-    series = write_axial(small_ct(0), root / "series", patient_id="RAPTOR-TEST-0001")
+    write_axial(small_ct(0), root / "series", patient_id="RAPTOR-TEST-0001")
     count = 24
     manifest = root / "manifest.csv"
     manifest.write_text("path,id\n" + "".join(f"series,case-{i:03d}\n" for i in range(count)))
@@ -44,19 +42,7 @@ def test_sigkill_mid_run_then_rerun_adds_exactly_the_missing_rows(manifest_of_ma
     args = ["batch", "--manifest", str(manifest), "--csv", str(out), "--readers", "0", "-q", *tiny_cli_args(tiny_model_dir)]
     process = subprocess.Popen([sys.executable, "-m", "RaptorExtension", *args], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 3:  # the header and at least two rows
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, f"the batch ended before it could be killed: {process.stderr.read().decode()[-500:]}"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    sigkill_once_rows_written(process, out)
     survived = index_table(out, allow_torn_tail=True)
     assert 2 <= len(survived.ids) < count
     after_kill = out.read_bytes()

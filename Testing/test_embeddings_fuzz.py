@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_strategies import ANY_JSON, json_kind, json_paths
 
 from RaptorExtension.cli import main
 from RaptorExtension.embeddings.embedding import Embedding, build_metadata
@@ -87,40 +88,18 @@ def test_truncations_fail_cleanly(tmp_path, npz_bytes, cut):
     assert isinstance(_load(path), RaptorError)
 
 
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, prefix + (key,))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, prefix + (index,))
-
-
-ANY_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6,
-)
-
-
-def _kind(value) -> str:
-    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
-
-
 @FUZZ
 @given(data=st.data())
 def test_metadata_type_swaps_load_as_written_or_fail_cleanly(tmp_path, data):
     original = _embedding()
     meta = json.loads(json.dumps(original.metadata))
-    path_in_meta = data.draw(st.sampled_from(list(_paths(meta))))
+    path_in_meta = data.draw(st.sampled_from(list(json_paths(meta))))
     if path_in_meta:
         target = meta
         for key in path_in_meta[:-1]:
             target = target[key]
         old = target[path_in_meta[-1]]
-        target[path_in_meta[-1]] = data.draw(ANY_JSON.filter(lambda v: _kind(v) != _kind(old)))
+        target[path_in_meta[-1]] = data.draw(ANY_JSON.filter(lambda v: json_kind(v) != json_kind(old)))
     else:  # the whole metadata replaced by another kind of JSON value
         meta = data.draw(ANY_JSON.filter(lambda v: not isinstance(v, dict)))
     path = tmp_path / "forged.npz"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_strategies import ANY_JSON, json_kind, json_paths
 
 from RaptorExtension.cli import main
 from RaptorExtension.errors import RaptorError
@@ -90,42 +91,19 @@ def test_truncations_fail_cleanly(tmp_path, probe_bytes, cut):
     assert isinstance(result, RaptorError)
 
 
-def _paths(value, prefix=()):
-    """Every path into a JSON value (dict keys and list indices)."""
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, prefix + (key,))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, prefix + (index,))
-
-
-ANY_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6,
-)
-
-
-def _kind(value) -> str:
-    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
-
-
 @FUZZ
 @given(data=st.data())
 def test_field_type_swaps_load_as_written_or_fail_cleanly(tmp_path, probe_bytes, data):
     with zipfile.ZipFile(io.BytesIO(probe_bytes)) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     meta = json.loads(members["probe.json"])
-    paths = [p for p in _paths(meta) if p and p[0] != "content_sha256"]
+    paths = [p for p in json_paths(meta) if p and p[0] != "content_sha256"]
     path = data.draw(st.sampled_from(paths))
     target = meta
     for key in path[:-1]:
         target = target[key]
     old = target[path[-1]]
-    new = data.draw(ANY_JSON.filter(lambda v: _kind(v) != _kind(old)))
+    new = data.draw(ANY_JSON.filter(lambda v: json_kind(v) != json_kind(old)))
     target[path[-1]] = new
     meta["content_sha256"] = content_digest(meta)
     members["probe.json"] = json.dumps(meta).encode()
