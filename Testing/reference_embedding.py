@@ -322,3 +322,6 @@ if __name__ == "__main__":  # pragma: no cover - a check to run by hand (see the
         block = slice(i * got.size // 3, (i + 1) * got.size // 3)
         print(f"{plane}: max |raptor - reference| / max |reference| = {relative_error(got[block], want['vector'][block]):.2e}")
     print(f"whole vector: {relative_error(got, want['vector']):.2e}")
+    import hashlib
+
+    print(f"SHA-256 of raptor embed's float32 vector: {hashlib.sha256(got.astype('<f4').tobytes()).hexdigest()}")
