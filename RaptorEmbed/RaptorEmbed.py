@@ -51,6 +51,7 @@ from RaptorExtension.slicerlogic.choices import (  # noqa: E402
     DEVICE_CHOICES,
     MODEL_CHOICES,
     OTHER_MODEL_CHOICE,
+    PREPROCESS_CHOICES,
     PRESET_CHOICES,
     choice_for_model,
     describe_embedding,
@@ -152,6 +153,7 @@ class RaptorEmbedParameterNode:
     grid - Side of the isotropic cube in voxels.
     device - auto, cuda or cpu.
     keepCls - Also keep the mean CLS token of each plane.
+    preprocess - How a slice becomes the model's image: direct (default) or reference (the paper's code).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -163,6 +165,7 @@ class RaptorEmbedParameterNode:
     grid: Annotated[int, WithinRange(16, 1024)] = 256
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     keepCls: bool = False
+    preprocess: Annotated[str, Choice(list(PREPROCESS_CHOICES))] = "direct"
 
 
 #
@@ -644,6 +647,7 @@ class RaptorEmbedLogic(ScriptedLoadableModuleLogic, EmbedLogic):
             grid=parameterNode.grid,
             device=parameterNode.device,
             keep_cls=parameterNode.keepCls,
+            preprocess=parameterNode.preprocess,
         )
 
     def ensureServerDependencies(self) -> bool:

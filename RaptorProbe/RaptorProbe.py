@@ -109,6 +109,10 @@ class RaptorProbeParameterNode:
     fitModel - auto, logistic, ridge or mlp.
     fitSelect - val (paper) or cv (stratified k-fold on train+val).
     fitCGrid - C values for logistic regression, comma-separated (the paper's by default).
+    explainBaseline - background (an empty slice: air and padding count 0) or mean (the average training volume).
+    fitThreshold - operating threshold rule: youden, sensitivity:0.95, specificity:0.90, a probability, or none.
+    fitClassWeight - none or balanced.
+    fitCalibrate - none, sigmoid or isotonic.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -120,6 +124,10 @@ class RaptorProbeParameterNode:
     fitModel: Annotated[str, Choice(["auto", "logistic", "ridge", "mlp"])] = "auto"
     fitSelect: Annotated[str, Choice(["val", "cv"])] = "val"
     fitCGrid: str = "0.01,0.1,1,10,100"
+    explainBaseline: Annotated[str, Choice(["background", "mean"])] = "background"
+    fitThreshold: str = "youden"
+    fitClassWeight: Annotated[str, Choice(["none", "balanced"])] = "none"
+    fitCalibrate: Annotated[str, Choice(["none", "sigmoid", "isotonic"])] = "none"
 
 
 #
@@ -173,6 +181,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainButton.connect("clicked(bool)", self.onExplainButton)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.fitButton.connect("clicked(bool)", self.onFitButton)
+        self.ui.saveDicomButton.connect("clicked(bool)", self.onSaveDicomButton)
 
         self.ui.progressBar.setVisible(False)
         # Compute: this computer or a Raptor server, shared with the Raptor Embed module.
@@ -201,8 +210,10 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed: a running explanation is dropped."""
-        self.logic.cancel()
+        """Called just before the scene is closed: a running explanation is dropped (a fit, which only uses
+        files, goes on)."""
+        if self.logic.job is not None and not self.logic.job.finished:
+            self.logic.job.cancel()
         self._heatmapNode = None
         self.setParameterNode(None)
 
@@ -238,6 +249,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasProbes = bool(self.logic.probes)
         running = self.logic.job is not None and not self.logic.job.finished
         self.ui.applyButton.enabled = hasInput and hasProbes and not running
+        self.ui.saveDicomButton.enabled = hasInput and not running and self.logic.canSaveToDicom(
+            self._parameterNode.inputVolume)
         if running:
             self.ui.explainButton.text = _("Cancel")
             self.ui.explainButton.enabled = True
@@ -310,7 +323,9 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         tableNode, chartNode = self.logic.scoresNodes
         self.ui.scoresTableView.setMRMLTableNode(tableNode)
         slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+        self.ui.decisionLabel.text = self.logic.describeResults(results)
         self.ui.statusLabel.text = "; ".join(f"{r.probe.name}: {r.predicted}" for r in results)
+        self._checkCanRun()
 
     def _embedWithRaptorEmbed(self, volumeNode, settings):
         """A volume without an embedding is embedded first, with the probe's settings (asks first)."""
@@ -370,6 +385,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 progressCallback=self.onExplainProgress,
                 completionCallback=self.onExplainCompleted,
                 model=self._parameterNode.modelOverride or None,
+                baseline=self._parameterNode.explainBaseline,
             )
         except RaptorError as exc:
             slicer.util.errorDisplay(str(exc))
@@ -390,7 +406,8 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == "done":
             ex = job.explanation
             self._heatmapNode = job.nodes["heatmap"]
-            self.logic.showHeatmap(self._parameterNode.inputVolume, self._heatmapNode, self._parameterNode.heatmapOpacity)
+            explained = slicer.mrmlScene.GetNodeByID(job.node_id)  # the volume explained, whatever is selected now
+            self.logic.showHeatmap(explained, self._heatmapNode, self._parameterNode.heatmapOpacity)
             slicer.modules.plots.logic().ShowChartInLayout(job.nodes["chart"])
             self._connectPlotView()
             kind = "logit" if ex.task != "regression" else "value"
@@ -459,6 +476,9 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.fitResultLabel.text = _("Installation cancelled.")
                 return
             self.logic.fit(p.fitEmbeddings, p.fitLabels, p.fitOutput, model=p.fitModel, select=p.fitSelect, cGrid=grid,
+                           threshold=p.fitThreshold.strip() or None,
+                           classWeight=None if p.fitClassWeight == "none" else p.fitClassWeight,
+                           calibrate=None if p.fitCalibrate == "none" else p.fitCalibrate,
                            completionCallback=self.onFitCompleted)
         except RaptorError as exc:
             slicer.util.errorDisplay(str(exc))
@@ -480,6 +500,29 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fitResultLabel.text = _("Failed")
             slicer.util.errorDisplay(job.error)
         self._checkCanRun()
+
+    # -- DICOM -----------------------------------------------------------------
+
+    def onSaveDicomButton(self) -> None:
+        """The scores (and the last explanation) as DICOM SR and Parametric Map, imported beside the scan."""
+        import tempfile
+
+        from DICOMLib import DICOMUtils
+
+        node = self._parameterNode.inputVolume
+        with tempfile.TemporaryDirectory(prefix="raptor-dicom-") as folder:
+            try:
+                with slicer.util.WaitCursor():
+                    paths = self.logic.saveToDicom(node, folder)
+            except RaptorError as exc:
+                slicer.util.errorDisplay(str(exc))
+                return
+            # copyFiles: the database keeps its own copies, so the temporary folder can go.
+            if not DICOMUtils.importDicom(folder, slicer.dicomDatabase, copyFiles=True):
+                slicer.util.errorDisplay(_("The DICOM results were written but could not be imported into the DICOM database."))
+                return
+        self.ui.statusLabel.text = _("Saved {count} DICOM object(s) to the DICOM database, beside {name}.").format(
+            count=len(paths), name=node.GetName())
 
     def onPollTimer(self) -> None:
         if not self.logic.poll():
@@ -517,12 +560,13 @@ class RaptorProbeLogic(ScriptedLoadableModuleLogic, ProbeLogic):
         e = probe.embedding
         test = probe.metrics.get("test") or probe.metrics.get("val") or {}
         metric = ", ".join(f"{k} {test[k]:.3f}" for k in ("auc", "accuracy", "r2") if test.get(k) is not None)
-        return _(
+        text = _(
             "{task} ({model}): {classes}\nFitted on {encoder}, K={k}, seed {seed}, grid {grid}, preset {preset}"
             "{cls}.\n{metric}"
         ).format(task=probe.task, model=probe.model, classes=", ".join(probe.classes), encoder=e.get("encoder"),
                  k=e.get("k"), seed=e.get("seed"), grid=e.get("grid"), preset=e.get("preset"),
                  cls=", with CLS tokens" if e.get("keep_cls") else "", metric=f"Test: {metric}" if metric else "")
+        return "\n".join([text, *ProbeLogic.describeDecisions(probe)])
 
 
 #

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import make_tiny_model_dir  # noqa: E402
+from helpers import write_raw_nrrd  # noqa: E402
 
 K, PLANES, P = 4, ["axial", "coronal", "sagittal"], 2
 N_FEATURES = 3 * K * P * P
@@ -118,7 +119,7 @@ class Corpus:
         good = self._dir("good")
         self.good_npy = good / "scan.npy"
         np.save(self.good_npy, smooth_volume((8, 9, 10)))
-        self.good_nrrd = write_nrrd(good / "scan.nrrd", (smooth_volume((6, 7, 8)) * 10).astype("<i2"))
+        self.good_nrrd = write_raw_nrrd(good / "scan.nrrd", (smooth_volume((6, 7, 8)) * 10).astype("<i2"))
         # Synthetic embeddings with consistent metadata, as a table and as .npz files.
         from RaptorExtension.embeddings.embedding import Embedding, build_metadata
         from RaptorExtension.embeddings.table import write_table
@@ -156,7 +157,7 @@ class Corpus:
         # A small cohort for batch and two shard parts for merge.
         cohort = self._dir("cohort")
         for i in range(2):
-            write_nrrd(cohort / f"c{i}.nrrd", (smooth_volume((6, 7, 8), seed=i) * 10).astype("<i2"))
+            write_raw_nrrd(cohort / f"c{i}.nrrd", (smooth_volume((6, 7, 8), seed=i) * 10).astype("<i2"))
         self.cohort = cohort
         self.manifest = self.root / "manifest.csv"
         self.manifest.write_text("path\n" + "".join(f"cohort/c{i}.nrrd\n" for i in range(2)))
@@ -192,26 +193,6 @@ def smooth_volume(shape, seed: int = 0) -> np.ndarray:
     k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     volume = 100 * np.exp(-((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2) * 3) + 20 * np.sin(3 * j + 2 * i)
     return (volume + rng.normal(0, 2, size=shape)).astype(np.float32)
-
-
-_NRRD_TYPE = {"i2": "short", "f4": "float", "u1": "uchar"}
-
-
-def write_nrrd(path: Path, array: np.ndarray, *, extra: str = "", sizes: str | None = None, encoding: str = "raw",
-               data: bytes | None = None, detached: bool = False, dtype_name: str | None = None) -> Path:
-    kind = dtype_name or _NRRD_TYPE[array.dtype.str[1:]]
-    sizes = sizes or " ".join(str(s) for s in reversed(array.shape))
-    raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
-    payload = data if data is not None else (gzip.compress(raw) if encoding == "gzip" else raw)
-    header = (f"NRRD0004\ntype: {kind}\ndimension: {len(sizes.split())}\nsizes: {sizes}\nencoding: {encoding}\n"
-              f"endian: little\n{extra}")
-    if detached:
-        data_name = path.with_suffix(".raw").name
-        path.write_text(header + f"data file: {data_name}\n")
-        (path.parent / data_name).write_bytes(payload)
-    else:
-        path.write_bytes((header + "\n").encode() + payload)
-    return path
 
 
 def write_nifti(path: Path, array: np.ndarray, *, pixdim=(1.0, 1.0, 1.0, 2.0), dims=None, vox_offset: float = 352,
@@ -533,45 +514,45 @@ def nrrd_volumes(c: Corpus) -> None:
     d = c._dir("vol/nrrd")
     v = (smooth_volume((6, 7, 8)) * 10).astype("<i2")
     f = smooth_volume((6, 7, 8))
-    c.volume("nrrd_2d", write_nrrd(d / "nrrd-slice2d.nrrd", v[0]), "2D image")
-    c.volume("nrrd_4d", write_nrrd(d / "nrrd-series4d.nrrd", np.stack([v, v]), extra="kinds: domain domain domain list\n"),
+    c.volume("nrrd_2d", write_raw_nrrd(d / "nrrd-slice2d.nrrd", v[0]), "2D image")
+    c.volume("nrrd_4d", write_raw_nrrd(d / "nrrd-series4d.nrrd", np.stack([v, v]), extra="kinds: domain domain domain list\n"),
              "4D series")
-    whole = write_nrrd(d / "nrrd-whole.nrrd", v).read_bytes()
+    whole = write_raw_nrrd(d / "nrrd-whole.nrrd", v).read_bytes()
     (d / "nrrd-cutraw.nrrd").write_bytes(whole[:-100])
     c.volume("nrrd_truncated_raw", d / "nrrd-cutraw.nrrd", "truncated")
-    gz = write_nrrd(d / "nrrd-wholegz.nrrd", v, encoding="gzip").read_bytes()
+    gz = write_raw_nrrd(d / "nrrd-wholegz.nrrd", v, encoding="gzip").read_bytes()
     (d / "nrrd-cutgzip.nrrd").write_bytes(gz[:-30])
     c.volume("nrrd_truncated_gzip", d / "nrrd-cutgzip.nrrd", "truncated")
     (d / "nrrd-corruptgzip.nrrd").write_bytes(gz[: len(gz) - 60] + b"\x00" * 52 + gz[-8:])
     c.volume("nrrd_corrupt_gzip", d / "nrrd-corruptgzip.nrrd", "corrupt")
-    c.volume("nrrd_gzip_declares_more", write_nrrd(d / "nrrd-liegzip.nrrd", v, encoding="gzip", sizes="400 400 400"),
+    c.volume("nrrd_gzip_declares_more", write_raw_nrrd(d / "nrrd-liegzip.nrrd", v, encoding="gzip", sizes="400 400 400"),
              "decompresses to")
-    c.volume("nrrd_declares_2000_cubed", write_nrrd(d / "nrrd-huge.nrrd", v, sizes="2000 2000 2000"), "8,000,000,000 voxels")
-    c.volume("nrrd_declares_more_raw", write_nrrd(d / "nrrd-lieraw.nrrd", v, sizes="800 800 800"), "truncated")
-    c.volume("nrrd_zero_spacing", write_nrrd(d / "nrrd-spacing0.nrrd", v, extra="spacings: 1 0 1\n"), "'spacings'", "axis 1")
-    c.volume("nrrd_nan_spacing", write_nrrd(d / "nrrd-spacingnan.nrrd", v, extra="spacings: nan 1 1\n"), "'spacings'", "nan")
+    c.volume("nrrd_declares_2000_cubed", write_raw_nrrd(d / "nrrd-huge.nrrd", v, sizes="2000 2000 2000"), "8,000,000,000 voxels")
+    c.volume("nrrd_declares_more_raw", write_raw_nrrd(d / "nrrd-lieraw.nrrd", v, sizes="800 800 800"), "truncated")
+    c.volume("nrrd_zero_spacing", write_raw_nrrd(d / "nrrd-spacing0.nrrd", v, extra="spacings: 1 0 1\n"), "'spacings'", "axis 1")
+    c.volume("nrrd_nan_spacing", write_raw_nrrd(d / "nrrd-spacingnan.nrrd", v, extra="spacings: nan 1 1\n"), "'spacings'", "nan")
     space = "space: left-posterior-superior\n"
-    c.volume("nrrd_nan_direction", write_nrrd(d / "nrrd-dirnan.nrrd", v, extra=space + "space directions: (1,0,0) (0,nan,0) (0,0,1)\n"),
+    c.volume("nrrd_nan_direction", write_raw_nrrd(d / "nrrd-dirnan.nrrd", v, extra=space + "space directions: (1,0,0) (0,nan,0) (0,0,1)\n"),
              "'space directions'", "axis 1")
-    c.volume("nrrd_zero_direction", write_nrrd(d / "nrrd-dirzero.nrrd", v, extra=space + "space directions: (1,0,0) (0,0,0) (0,0,1)\n"),
+    c.volume("nrrd_zero_direction", write_raw_nrrd(d / "nrrd-dirzero.nrrd", v, extra=space + "space directions: (1,0,0) (0,0,0) (0,0,1)\n"),
              "'space directions'", "(0,0,0)")
     c.volume("nrrd_degenerate_directions",
-             write_nrrd(d / "nrrd-dirsame.nrrd", v, extra=space + "space directions: (1,0,0) (1,0,0) (0,0,1)\n"), "degenerate")
-    c.volume("nrrd_infinite_origin", write_nrrd(d / "nrrd-origininf.nrrd", v, extra=space + "space origin: (0,inf,0)\n"),
+             write_raw_nrrd(d / "nrrd-dirsame.nrrd", v, extra=space + "space directions: (1,0,0) (1,0,0) (0,0,1)\n"), "degenerate")
+    c.volume("nrrd_infinite_origin", write_raw_nrrd(d / "nrrd-origininf.nrrd", v, extra=space + "space origin: (0,inf,0)\n"),
              "'space origin'")
     nan = f.copy()
     nan[2, 2, 2] = np.nan
-    c.volume("nrrd_nan_voxel", write_nrrd(d / "nrrd-nanvoxel.nrrd", nan), "1 NaN")
-    c.volume("nrrd_all_nan", write_nrrd(d / "nrrd-allnan.nrrd", np.full((6, 7, 8), np.nan, np.float32)), "every voxel is NaN")
-    detached = write_nrrd(d / "nrrd-nodata.nhdr", v, detached=True)
+    c.volume("nrrd_nan_voxel", write_raw_nrrd(d / "nrrd-nanvoxel.nrrd", nan), "1 NaN")
+    c.volume("nrrd_all_nan", write_raw_nrrd(d / "nrrd-allnan.nrrd", np.full((6, 7, 8), np.nan, np.float32)), "every voxel is NaN")
+    detached = write_raw_nrrd(d / "nrrd-nodata.nhdr", v, detached=True)
     (d / "nrrd-nodata.raw").unlink()
     c.volume("nhdr_data_file_missing", detached, "nrrd-nodata.raw is missing")
-    short = write_nrrd(d / "nrrd-shortdata.nhdr", v, detached=True)
+    short = write_raw_nrrd(d / "nrrd-shortdata.nhdr", v, detached=True)
     (d / "nrrd-shortdata.raw").write_bytes((d / "nrrd-shortdata.raw").read_bytes()[:50])
     c.volume("nhdr_data_file_short", short, "truncated")
     c.good_volume("nrrd_good_raw", d / "nrrd-whole.nrrd")
     c.good_volume("nrrd_good_gzip", d / "nrrd-wholegz.nrrd")
-    c.good_volume("nhdr_good_detached", write_nrrd(d / "nrrd-detached.nhdr", v, detached=True))
+    c.good_volume("nhdr_good_detached", write_raw_nrrd(d / "nrrd-detached.nhdr", v, detached=True))
 
 
 @volumes

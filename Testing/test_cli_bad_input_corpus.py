@@ -28,6 +28,8 @@ from RaptorExtension.cli import main
 from RaptorExtension.embeddings.embedding import Embedding
 from RaptorExtension.outputs import TableLock
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

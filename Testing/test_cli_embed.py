@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 import torch
-from conftest import SAMPLE_CT
+from conftest import ROOT, SAMPLE_CT
 
 from RaptorExtension.cli import main
 from RaptorExtension.embeddings.embedding import Embedding
+from RaptorExtension.embeddings.stream import index_table
 from RaptorExtension.embeddings.table import read_table
 from RaptorExtension.volumes.intensity import normalize, resolve_preset
 
@@ -99,6 +104,7 @@ def test_medmnist_npz_selectors(tiny_model_dir, tmp_path, adrenal28, capsys):
     assert sorted(p.name for p in out.glob("*.npz")) == ["test_3.npz", "val_0.npz"]
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_module(tiny_model_dir, tmp_path):
     out = tmp_path / "emb"
     proc = subprocess.run([sys.executable, "-m", "RaptorExtension", *embed_args(tiny_model_dir, str(SAMPLE_CT), "-o", str(out))],
@@ -165,3 +171,51 @@ def test_process_read_ahead_gives_the_same_bits_as_threads(tiny_model_dir, tmp_p
         tables[loader] = read_table(csv_path)
     assert tables["threads"].ids == tables["processes"].ids == ["vol0", "vol1", "vol2"]
     assert np.array_equal(tables["threads"].features, tables["processes"].features)
+
+
+def raptor_process(args: list[str], threads: int, **popen) -> subprocess.Popen:
+    """``raptor ARGS`` in a fresh process whose PyTorch uses ``threads`` CPU threads (as on a machine with that many cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return subprocess.Popen([sys.executable, "-m", "RaptorExtension", *args], cwd=ROOT, env=env, **popen)
+
+
+@pytest.mark.slow
+def test_a_killed_embed_csv_run_resumes_with_exactly_the_missing_rows(slow_model_dir, tmp_path, capsys):
+    """SIGKILL of `raptor embed --csv` mid-run, then --skip-existing: the rows written survive untouched, the rest are
+    added once, and every row equals an uninterrupted embedding of its volume."""
+    count = 12
+    vols = random_volumes(tmp_path, count)
+    csv_path = tmp_path / "t.csv"
+    args = ["embed", *vols, "--model", str(slow_model_dir), "--k", "8", "--grid", "32", "-q", "--device", "cpu",
+            "--csv", str(csv_path)]
+    process = raptor_process(args, threads=1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # one thread, as here
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if csv_path.exists() and csv_path.read_bytes().count(b"\n") >= 3:  # the header and two rows
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-500:]}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    survived = index_table(csv_path, allow_torn_tail=True).ids
+    assert 2 <= len(survived) < count
+    after_kill = csv_path.read_bytes()
+    kept = after_kill[: after_kill.rfind(b"\n") + 1]
+    capsys.readouterr()
+    assert main([*args, "--skip-existing"]) == 0  # the killed run's table lock died with it
+    assert f"embedded {count - len(survived)}, skipped {len(survived)}" in capsys.readouterr().out
+    assert csv_path.read_bytes().startswith(kept)
+    table = read_table(csv_path)  # parses: no torn or duplicated row
+    assert sorted(table.ids) == sorted(f"v{i}" for i in range(count))
+    reference = tmp_path / "reference.csv"
+    done_before = [vols[int(row_id[1:])] for row_id in survived]
+    assert main(["embed", *done_before, *args[1 + count: -1], str(reference)]) == 0  # same options, another CSV
+    expected = read_table(reference)
+    for row_id, features in zip(expected.ids, expected.features):  # the killed process's rows, bit for bit
+        np.testing.assert_array_equal(table.features[table.ids.index(row_id)], features)
+    assert main([*args, "--skip-existing"]) == 0 and "embedded 0, skipped 12" in capsys.readouterr().out

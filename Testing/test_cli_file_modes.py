@@ -39,6 +39,7 @@ def _labelled_npz(folder: Path) -> tuple[Path, Path]:
     return folder / "cohort.npz", folder / "labels.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o077], indirect=True, ids=["umask022", "umask077"])
 def test_every_output_gets_the_umask_mode(umask, tmp_path, tiny_model_dir, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"

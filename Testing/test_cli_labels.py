@@ -40,6 +40,7 @@ def test_selectors_take_ranges(npz):
         select_medmnist(npz, "test_9", {"test": 4})
 
 
+@pytest.mark.slow
 def test_labels_csv_feeds_probe_fit(npz, tmp_path, tiny_model_dir, capsys):
     labels = tmp_path / "labels.csv"
     assert main(["labels", str(npz), "-o", str(labels)]) == 0

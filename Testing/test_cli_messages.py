@@ -31,6 +31,7 @@ def fitted(tmp_path_factory, tiny_model_dir):
     return folder
 
 
+@pytest.mark.slow
 def test_explain_heatmap_prints_no_vtk_info_line(fitted, capfd):
     code = main(["explain", str(fitted / "p.raptorprobe"), f"{fitted / 'cohort.npz'}#test_1", "-o",
                  str(fitted / "why.png"), "--heatmap", str(fitted / "why.nrrd"), "--device", "cpu"])
@@ -39,6 +40,7 @@ def test_explain_heatmap_prints_no_vtk_info_line(fitted, capfd):
     assert "Info:" not in captured.err + captured.out and "vtkMRML" not in captured.err + captured.out
 
 
+@pytest.mark.slow
 def test_apply_mismatch_names_the_embedding_file(fitted, capsys):
     code = main(["probe", "apply", str(fitted / "p.raptorprobe"), str(fitted / "k2.csv")])
     err = capsys.readouterr().err
@@ -47,6 +49,7 @@ def test_apply_mismatch_names_the_embedding_file(fitted, capsys):
     assert "embeddings:" not in err
 
 
+@pytest.mark.slow
 def test_probe_info_lists_splits_in_train_val_test_order(fitted, capsys):
     assert main(["probe", "info", str(fitted / "p.raptorprobe")]) == 0
     out = capsys.readouterr().out

@@ -67,6 +67,7 @@ def test_embed_refuses_other_weights_before_embedding_anything(scans, tmp_path, 
     assert err.count("\n") == 1 and "(existing rows) vs this run: embedding settings differ: encoder weights differ" in err
 
 
+@pytest.mark.slow
 def test_embed_skip_existing_with_everything_done_loads_no_model(scans, tmp_path, tiny_model_dir, no_model, capsys):
     out, csv_path = tmp_path / "emb", tmp_path / "cohort.csv"
     args = ["embed", *map(str, scans), "-o", str(out), "--csv", str(csv_path), "--skip-existing", *tiny(tiny_model_dir)]

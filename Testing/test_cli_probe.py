@@ -12,6 +12,8 @@ from helpers import blob_volume, oblique_matrix, write_volume
 from RaptorExtension.cli import main
 from RaptorExtension.probes.probe import Probe, load_embeddings
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 SPLIT_SIZES = {"train": 20, "val": 8, "test": 8}
 
 
@@ -36,6 +38,45 @@ def cohort(tmp_path_factory, tiny_model_dir):
                  "--preset", "uint8", "--device", "cpu", "--csv", str(folder / "emb.csv"), "-q"])
     assert code == 0
     return folder, centres
+
+
+def embedding_rows(path) -> dict[str, np.ndarray]:
+    """id -> feature row of an embedding CSV, read with the csv module (the e0... columns as float32)."""
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        columns = [i for i, name in enumerate(header) if name.startswith("e") and name[1:].isdigit()]
+        return {row[0]: np.array([row[i] for i in columns], dtype=np.float32).astype(np.float64) for row in reader}
+
+
+def independent_logit(probe_path, table, volume_id: str) -> float:
+    """w . (x - mean) / scale + b from the probe file's own arrays and the CSV row, in numpy."""
+    probe = Probe.load(probe_path)
+    x = embedding_rows(table)[volume_id]
+    return float(probe.weight[0] @ ((x - probe.feature_mean) / probe.feature_scale) + probe.bias[0])
+
+
+def curve_values(path) -> dict[str, np.ndarray]:
+    """plane -> its slice curve, from a ``--curves`` CSV (contributions in slice order)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["plane", "slice", "r", "a", "s", "contribution"]
+    planes = {}
+    for row in rows:
+        planes.setdefault(row["plane"], []).append((int(row["slice"]), float(row["contribution"])))
+    return {plane: np.array([v for _i, v in sorted(values)]) for plane, values in planes.items()}
+
+
+def read_nrrd(path) -> np.ndarray:
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return slicer.util.arrayFromVolume(node).copy()
 
 
 def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
@@ -74,20 +115,27 @@ def test_fit_apply_info_explain(cohort, tiny_model_dir, capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["embedding"]["k"] == 8
 
     # Explain one held-out positive read from the .npz (no geometry: native grid = the array itself).
-    png, curves = tmp_path / "ex.png", tmp_path / "curves.csv"
+    png, curves, heat = tmp_path / "ex.png", tmp_path / "curves.csv", tmp_path / "heat.nrrd"
     target = "test_3"
     code = main(["explain", str(probe_path), f"{folder / 'cohort.npz'}#{target}", "-o", str(png), "--curves", str(curves),
-                 "--device", "cpu"])
+                 "--heatmap", str(heat), "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{target}: blob = 1 score ") and "residual" in printed  # volume, label column, class
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    lines = curves.read_text().splitlines()
-    assert lines[0] == "plane,slice,r,a,s,contribution" and len(lines) == 1 + 3 * 20
-    total = sum(float(line.split(",")[-1]) for line in lines[1:])
-    logit = float(printed.split("logit ")[1].split()[0])
-    bias = float(printed.split("bias ")[1].split()[0])
-    assert abs(logit - (bias + total)) < 1e-4
+    plane_curves = curve_values(curves)
+    assert list(plane_curves) == ["axial", "coronal", "sagittal"] and all(len(c) == 20 for c in plane_curves.values())
+    # The files hold one decomposition: the heatmap's voxels (native grid: the cube itself) add up to the curves.
+    total = sum(c.sum() for c in plane_curves.values())
+    assert read_nrrd(heat).astype(np.float64).sum() == pytest.approx(total, rel=1e-5, abs=1e-5)
+    # Against the training mean the bias is the probe's own, so the curves plus the saved probe's bias must give
+    # the logit computed here from the saved probe's arrays and the embedding CSV's row, by plain numpy.
+    mean_curves = tmp_path / "curves_mean.csv"
+    assert main(["explain", str(probe_path), f"{folder / 'cohort.npz'}#{target}", "-o", str(tmp_path / "m.png"),
+                 "--curves", str(mean_curves), "--baseline", "mean", "--device", "cpu", "-q"]) == 0
+    capsys.readouterr()
+    logit = independent_logit(probe_path, folder / "emb.csv", target)
+    assert sum(c.sum() for c in curve_values(mean_curves).values()) + probe.bias[0] == pytest.approx(logit, abs=1e-4)
 
 
 def test_explain_writes_an_aligned_heatmap(cohort, tmp_path, capsys):
@@ -154,6 +202,7 @@ def test_cli_refusals_are_one_line(cohort, tiny_model_dir, tmp_path, capsys):
 
 
 def test_regression_fit_through_the_cli(cohort, tmp_path, capsys):
+    """The saved ridge probe and its metrics equal a closed-form ridge written here in numpy from the same CSVs."""
     folder, centres = cohort
     rows = list(csv.DictReader(open(folder / "labels.csv")))
     # Target: blob depth (slice of the centre), 10 for volumes without a blob.
@@ -164,7 +213,43 @@ def test_regression_fit_through_the_cli(cohort, tmp_path, capsys):
                  "-q"]) == 0
     printed = capsys.readouterr().out
     assert "regression probe (ridge), alpha=" in printed and "r2" in printed
-    assert (tmp_path / "depth_pred.png").exists()
+    assert (tmp_path / "depth_pred.png").read_bytes()[:4] == b"\x89PNG"
+    probe = Probe.load(out)
+    report = json.loads((tmp_path / "depth_metrics.json").read_text())
+
+    features = embedding_rows(folder / "emb.csv")
+    x = {s: np.stack([features[r["id"]] for r in rows if r["split"] == s]) for s in SPLIT_SIZES}
+    y = {s: np.array([float(line.split(",")[2]) for line in lines[1:] if line.split(",")[1] == s]) for s in SPLIT_SIZES}
+    mean, scale = x["train"].mean(axis=0), x["train"].std(axis=0)
+    scale[~(scale > 1e-12)] = 1.0  # constant features carry nothing
+    z = {s: (x[s] - mean) / scale for s in SPLIT_SIZES}
+
+    def ridge(alpha: float) -> tuple[np.ndarray, float]:
+        """min |y - Zw - b|^2 + alpha |w|^2 in its dual form (20 rows, 3 * 8 * 4 features)."""
+        zt, yt = z["train"], y["train"] - y["train"].mean()  # Z is centred on train by construction
+        w = zt.T @ np.linalg.solve(zt @ zt.T + alpha * np.eye(len(zt)), yt)
+        return w, float(y["train"].mean())
+
+    def val_score(alpha: float) -> float:
+        w, b = ridge(alpha)
+        return -float(np.mean((z["val"] @ w + b - y["val"]) ** 2) / np.var(y["val"]))
+
+    grid = report["selection"]["grid"]
+    chosen = max(grid, key=val_score)  # alpha chosen on val, as the README says
+    assert report["selection"]["chosen"] == chosen and report["selection"]["method"] == "val"
+    w, b = ridge(chosen)
+    np.testing.assert_allclose(probe.feature_mean, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(probe.feature_scale, scale, rtol=1e-12)
+    np.testing.assert_allclose(probe.weight[0], w, rtol=1e-6, atol=1e-9 * np.abs(w).max())
+    assert probe.bias[0] == pytest.approx(b, rel=1e-9)
+    for split in SPLIT_SIZES:
+        pred, truth = z[split] @ w + b, y[split]
+        np.testing.assert_allclose(probe.scores(x[split].astype(np.float32)), pred[:, None], rtol=1e-6, atol=1e-6)
+        metrics = report["metrics"][split]
+        assert metrics["n"] == len(truth)
+        assert metrics["r2"] == pytest.approx(np.corrcoef(pred, truth)[0, 1] ** 2, rel=1e-6)  # Pearson r^2
+        assert metrics["mae"] == pytest.approx(np.mean(np.abs(pred - truth)), rel=1e-6)
+        assert metrics["rmse"] == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)), rel=1e-6)
 
 
 def test_fit_with_cv_marks_in_sample_splits_and_names_the_metric(cohort, tmp_path, capsys):

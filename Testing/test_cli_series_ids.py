@@ -4,12 +4,15 @@ name it by its SeriesInstanceUID, so their rows join."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from batch_fixtures import tiny_cli_args, write_cohort
 
 from RaptorExtension.cli import main
 from RaptorExtension.embeddings.table import read_table
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
 def test_embed_and_batch_give_a_series_the_same_id(tmp_path, tiny_model_dir, capsys):
     series = write_cohort(tmp_path / "cohort", 2)
     uids = [s.series_uid for s in series]

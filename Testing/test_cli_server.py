@@ -130,6 +130,7 @@ def test_a_projector_file_travels_to_the_server(raptor_server, tiny_model_dir, t
     assert main(["embed", *args, "-o", str(tmp_path / "remote"), *server]) == 0
     local, remote = Embedding.load(tmp_path / "local" / "v.npz"), Embedding.load(tmp_path / "remote" / "v.npz")
     assert local.metadata["k"] == remote.metadata["k"] == 5
+    assert local.metadata["projection_file"] == remote.metadata["projection_file"] == "R.npy"  # never a server path
     assert local.vector.tobytes() == remote.vector.tobytes() and local.settings() == remote.settings()
     probe_path = random_probe(Embedder(EmbedSettings(model=str(tiny_model_dir), k=None, grid=16, device="cpu",
                                                      projection_file=str(projector))),

@@ -26,7 +26,7 @@ from RaptorExtension.errors import InputError
 
 
 @pytest.fixture(scope="module")
-def ctk_db(tmp_path_factory):
+def ctk_db(shared_data, tmp_path_factory):
     """A database holding the shared TCIA series, an axial copy Slicer 'copied' into the database folder
     (stored by relative path) in the same study, a sagittal reslice of that copy for a second patient
     (stored by absolute path), an SR object and a series known only from a remote query."""
@@ -111,6 +111,7 @@ def test_not_a_database_is_a_one_line_error(tmp_path):
         SqliteDicomIndex(other)
 
 
+@pytest.mark.slow
 def test_raptor_batch_embeds_the_database(ctk_db, tiny_model_dir, tmp_path, capsys):
     folder = ctk_db["folder"]
     out = tmp_path / "db.csv"

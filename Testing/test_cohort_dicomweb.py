@@ -38,7 +38,7 @@ PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("pacs-cohort")
     return root, write_cohort(root, 4, patient_prefix="RAPTOR-PACS")
 
@@ -119,6 +119,7 @@ def test_batch_over_dicomweb_equals_batch_over_the_same_files(pacs, cohort, tiny
         assert referenced in from_web.ids and study == next(w.study_uid for w in written if w.series_uid == referenced)
 
 
+@pytest.mark.needs_shared_data
 def test_a_killed_batch_over_dicomweb_resumes(pacs, tiny_model_dir, tmp_path, capsys):
     written = write_cohort(tmp_path / "many", 12, patient_prefix="RAPTOR-KILL")
     upload(pacs, written)
@@ -199,6 +200,7 @@ def test_refused_unreachable_and_vanished_each_give_one_line_and_the_rest_finish
     assert row["id"] == gone and "no longer on the server" in row["reason"] and "\n" not in row["reason"]
 
 
+@pytest.mark.needs_shared_data
 def test_sr_and_parametric_map_round_trip_through_orthanc(pacs, tiny_model_dir, tiny_encoder, tmp_path, capsys):
     frame = generate_uid(entropy_srcs=["raptor-pacs", "frame"])
     series = write_axial(small_ct(3), tmp_path / "ct", patient_id="RAPTOR-PACS-RT", frame_of_reference_uid=frame)

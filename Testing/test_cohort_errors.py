@@ -22,6 +22,8 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
 def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp_path, capsys):
     root = tmp_path / "cohort"
     good = write_cohort(root, 3)
@@ -50,7 +52,7 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
     assert "single slice, a 2D image" in errors[localizer.series_uid]["reason"]
     assert "mixed geometry" in errors[mixed.series_uid]["reason"]
     nifti = next(row for row in errors.values() if row["source"].endswith("broken.nii.gz"))
-    assert nifti["id"] == "broken" and "broken.nii.gz" in nifti["reason"]
+    assert nifti["id"] == "bad__broken" and "broken.nii.gz" in nifti["reason"]
     assert all("\n" not in row["reason"] for row in errors.values())
     record = json.loads((tmp_path / "out" / "cohort.batch.json").read_text())
     assert record["status"] == "complete" and record["counts"]["failed"] == 5
@@ -63,6 +65,7 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
 PATIENT = "RPT-PAT-0042"
 
 
+@pytest.mark.needs_shared_data
 def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsys, monkeypatch):
     root = tmp_path / "data" / PATIENT
     ct = write_axial(small_ct(0), root / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT}")
@@ -111,6 +114,7 @@ def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsy
     assert read_table(out).ids == table.ids
 
 
+@pytest.mark.needs_shared_data
 def test_anonymize_can_keep_descriptions_with_the_patient_masked(tiny_model_dir, tmp_path, capsys):
     write_axial(small_ct(0), tmp_path / "data" / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT} arterial")
     out = tmp_path / "keep.csv"
@@ -135,6 +139,7 @@ def test_bad_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys, extra
     assert not (tmp_path / "o.csv").exists()
 
 
+@pytest.mark.needs_shared_data
 def test_a_cohort_mixing_intensity_presets_is_refused(tiny_model_dir, tmp_path, capsys):
     write_axial(small_ct(0), tmp_path / "data" / "ct")
     write_nrrd(tmp_path / "data" / "plain.nrrd", (np.arange(8 * 9 * 10) % 17).astype(np.int16).reshape(8, 9, 10))
@@ -143,3 +148,61 @@ def test_a_cohort_mixing_intensity_presets_is_refused(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert code == 1 and "mixes modalities that get different intensity presets (CT -> ct[-1000,1000]; unknown -> minmax)" in err
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.slow
+def test_anonymize_with_the_default_loader_processes_and_parquet_leaves_no_patient_id(tiny_model_dir, tmp_path, capsys):
+    """What a user gets by default (series read in loader processes) plus Parquet: pseudonyms only, everywhere."""
+    import hashlib
+    import hmac
+    import os
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "data" / PATIENT
+    ct = write_axial(small_ct(0), root / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT}")
+    late = write_axial(small_ct(1), root / "late", patient_id=PATIENT, study_uid=ct.study_uid, description="late phase")
+    broken = write_axial(small_ct(2), root / "broken", patient_id=PATIENT)
+    _corrupt(broken.files[3])
+    write_nrrd(root / f"{PATIENT}_scan.nrrd", (np.arange(8 * 9 * 10) % 17).astype(np.int16).reshape(8, 9, 10))
+    out = tmp_path / "out"
+    salt = "the hospital's own secret salt"
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # where loader processes hand volumes over
+    shm_before = set(os.listdir(shm)) if shm else set()
+    code = main(["batch", "--folder", str(tmp_path / "data"), "--csv", str(out / "anon.csv"), "--parquet",
+                 str(out / "anon.parquet"), "--anonymize", "--salt", salt, "--preset", "minmax",
+                 *tiny_cli_args(tiny_model_dir)])  # default --readers and --loader: processes outside Slicer
+    captured = capsys.readouterr()
+    assert code == 1 and "embedded 3, skipped 0 already done, failed 1" in captured.out
+    secrets = [PATIENT, PATIENT.replace("-", "^"), ct.study_uid, ct.series_uid, late.series_uid, broken.series_uid,
+               str(tmp_path / "data"), "abdomen", "late phase"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["anon.batch.json", "anon.csv", "anon.parquet", "anon_errors.csv"]
+    parquet = pq.read_table(out / "anon.parquet")
+    texts = {name: (out / name).read_bytes().decode("latin-1") for name in files}
+    texts["parquet values"] = repr(parquet.drop(["embedding"]).to_pylist()) + repr(parquet.schema.metadata)
+    texts.update(stdout=captured.out, stderr=captured.err)
+    texts["/dev/shm"] = repr(sorted(set(os.listdir(shm)) - shm_before) if shm else [])
+    for name, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} found in {name}"
+
+    def digest(kind: str, value: str) -> bytes:
+        return hmac.new(salt.encode(), f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+
+    def uid(value: str) -> str:
+        return f"2.25.{int.from_bytes(digest('UID', value)[:16], 'big')}"
+
+    table = read_table(out / "anon.csv")
+    assert sorted(i for i in table.ids if i.startswith("2.25.")) == sorted([uid(ct.series_uid), uid(late.series_uid)])
+    assert {table.columns["PatientID"][table.ids.index(uid(s.series_uid))] for s in (ct, late)} == {
+        f"anon-{digest('PatientID', PATIENT).hex()[:16]}"}
+    assert {table.columns["StudyInstanceUID"][table.ids.index(uid(s.series_uid))] for s in (ct, late)} == {uid(ct.study_uid)}
+    errors = list(csv.DictReader((out / "anon_errors.csv").read_text().splitlines()))
+    assert [e["id"] for e in errors] == [uid(broken.series_uid)] and errors[0]["source"] == ""
+    # The Parquet file holds the same rows as the CSV, features bit for bit.
+    assert parquet.column("id").to_pylist() == table.ids
+    assert parquet.column("PatientID").to_pylist() == table.columns["PatientID"]
+    features = np.stack(parquet.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert np.array_equal(features, table.features)

@@ -10,20 +10,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from batch_fixtures import ROOT, small_ct, tiny_cli_args, tiny_settings
 from derived_dicom import write_axial
+from helpers import write_nrrd
 
 from RaptorExtension.cli import main
 from RaptorExtension.cohort.job import BatchJob, BatchSources
+from RaptorExtension.cohort.merge import merge_parts
 from RaptorExtension.cohort.run import run_batch
+from RaptorExtension.cohort.sources import shard_of
 from RaptorExtension.embeddings.stream import index_table
 from RaptorExtension.embeddings.table import read_table
 from RaptorExtension.errors import MetadataMismatch, RaptorError
 
 
 @pytest.fixture(scope="module")
-def manifest_of_many(tmp_path_factory) -> tuple[Path, int]:
+def manifest_of_many(shared_data, tmp_path_factory) -> tuple[Path, int]:
     """A manifest listing one small series folder under many ids: a long job made of quick volumes."""
     root = tmp_path_factory.mktemp("many")
     series = write_axial(small_ct(0), root / "series", patient_id="RAPTOR-TEST-0001")
@@ -33,6 +37,7 @@ def manifest_of_many(tmp_path_factory) -> tuple[Path, int]:
     return manifest, count
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_adds_exactly_the_missing_rows(manifest_of_many, tiny_model_dir, tmp_path, capsys):
     manifest, count = manifest_of_many
     out = tmp_path / "cohort.csv"
@@ -70,6 +75,7 @@ def test_sigkill_mid_run_then_rerun_adds_exactly_the_missing_rows(manifest_of_ma
     assert "embedded 0, skipped 24 already done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cancel_keeps_finished_rows_and_resume_completes(manifest_of_many, tiny_model_dir, tmp_path):
     manifest, count = manifest_of_many
     out = tmp_path / "cohort.csv"
@@ -113,3 +119,42 @@ def test_rerun_with_other_settings_or_shard_is_refused(manifest_of_many, tiny_mo
     with pytest.raises(MetadataMismatch, match="k 4 vs 8"):
         run_batch(BatchJob(csv=small, sources=sources, settings=tiny_settings(tiny_model_dir, k=8), readers=0))
     assert len(read_table(small).ids) == 1
+
+
+@pytest.mark.slow
+def test_files_added_between_runs_never_move_or_reembed_earlier_rows(tiny_model_dir, tmp_path):
+    """Shards and resume keys are the ids: a second ct.nrrd in another folder must not rename the first."""
+    root = tmp_path / "cohort"
+    rng = np.random.default_rng(0)
+
+    def scan(relative: str) -> None:
+        write_nrrd(root / relative, rng.uniform(0, 100, (8, 9, 10)).astype(np.float32))
+
+    for relative in ("p1/ct.nrrd", "p1/pet.nrrd", "p2/mr.nrrd", "c.nrrd", "p3/deep/x.nrrd"):
+        scan(relative)
+    shards = 3
+
+    def run_all() -> list:
+        return [run_batch(BatchJob(csv=tmp_path / f"part{i}.csv", sources=BatchSources(folders=[str(root)]),
+                                   settings=tiny_settings(tiny_model_dir), readers=0, shard=(i, shards)))
+                for i in range(shards)]
+
+    first = run_all()
+    before = {i: (tmp_path / f"part{i}.csv").read_bytes() for i in range(shards)}
+    old_ids = {i: read_table(tmp_path / f"part{i}.csv").ids for i in range(shards) if first[i].done}
+    assert sorted(sum(old_ids.values(), [])) == ["c", "p1__ct", "p1__pet", "p2__mr", "p3__deep__x"]
+    for relative in ("p2/ct.nrrd", "p4/ct.nrrd", "new.nrrd", "p3/deep/y.nrrd"):  # a second and third ct.nrrd among them
+        scan(relative)
+    second = run_all()
+    for i in range(shards):
+        part = tmp_path / f"part{i}.csv"
+        assert part.read_bytes().startswith(before[i])  # earlier rows untouched, in the same part
+        ids = read_table(part).ids
+        added = ids[len(old_ids.get(i, [])):]
+        assert ids[: len(old_ids.get(i, []))] == old_ids.get(i, [])
+        assert all(shard_of(row_id, shards) == i for row_id in ids)
+        assert (second[i].skipped, second[i].done, second[i].failed) == (len(old_ids.get(i, [])), len(added), 0)
+        assert second[i].foreign_rows == 0
+    summary = merge_parts([tmp_path / f"part{i}.csv" for i in range(shards)], tmp_path / "merged.csv")
+    assert summary.rows == 9 and read_table(tmp_path / "merged.csv").ids == sorted(
+        ["c", "new", "p1__ct", "p1__pet", "p2__ct", "p2__mr", "p3__deep__x", "p3__deep__y", "p4__ct"])

@@ -18,11 +18,13 @@ from RaptorExtension.cohort.sources import shard_of
 from RaptorExtension.embeddings.table import read_table
 from RaptorExtension.errors import MetadataMismatch, RaptorError
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 SHARDS = 3
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort(shared_data, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards") / "cohort"
     write_cohort(folder, 7)
     return folder
@@ -118,3 +120,85 @@ def test_two_worker_processes_give_the_single_run_rows(cohort, single_and_shards
     np.testing.assert_array_equal(got.features[order], want.features)
     lines = {line.split(",", 1)[0]: line for line in out.read_text().splitlines()[1:]}
     assert [lines[i] for i in want.ids] == single.read_text().splitlines()[1:]
+
+
+def test_merge_refuses_another_cohort_salt_torn_part_duplicate_or_stale_plan(cohort, single_and_shards, tiny_model_dir,
+                                                                               tmp_path):
+    """Each refusal of `raptor merge` from parts really written by shard runs, then altered as a user might."""
+    from RaptorExtension.cohort.anonymize import Anonymizer
+    from RaptorExtension.cohort.sources import SeriesFilter
+
+    _, parts = single_and_shards
+
+    def shard(name: str, i: int, **job) -> Path:
+        out = tmp_path / name / f"part{i}.csv"
+        run_batch(BatchJob(csv=out, sources=BatchSources(folders=[str(cohort)]), settings=tiny_settings(tiny_model_dir),
+                           readers=0, shard=(i, SHARDS), **job))
+        return out
+
+    def copies(name: str) -> list[Path]:
+        (tmp_path / name).mkdir()
+        for part in parts:
+            for suffix in (".csv", ".batch.json", "_errors.csv"):
+                shutil.copy(part.with_name(part.stem + suffix), tmp_path / name / (part.stem + suffix))
+        return [tmp_path / name / p.name for p in parts]
+
+    merged = tmp_path / "m.csv"
+    # Another cohort: shard 1 run with a filter that leaves one series out.
+    filtered = shard("filtered", 1, filters=SeriesFilter(description="derived axial [0-5]$"))
+    with pytest.raises(RaptorError, match=f"{filtered}: was planned from another cohort than {parts[0]}"):
+        merge_parts([parts[0], filtered, parts[2]], merged)
+    # A series added to the cohort after the other shards ran, then only shard 1 rerun: its plan is newer.
+    grown = tmp_path / "grown"
+    shutil.copytree(cohort, grown)
+    write_cohort(grown, 8)  # the same 7 series (same UIDs) plus an eighth
+    rerun = tmp_path / "rerun" / "part1.csv"
+    run_batch(BatchJob(csv=rerun, sources=BatchSources(folders=[str(grown)]), settings=tiny_settings(tiny_model_dir),
+                       readers=0, shard=(1, SHARDS)))
+    with pytest.raises(RaptorError, match="was planned from another cohort"):
+        merge_parts([parts[0], rerun, parts[2]], merged)
+    # Another salt, or anonymized beside plain parts: named as such, not as another cohort.
+    salted = [shard("salt-a", i, anonymizer=Anonymizer("the first salt, 16+")) for i in range(SHARDS)]
+    other_salt = shard("salt-b", 1, anonymizer=Anonymizer("another salt, also 16+"))
+    with pytest.raises(RaptorError, match=f"{other_salt}: anonymization \\(or its salt\\) differs from {salted[0]}"):
+        merge_parts([salted[0], other_salt, salted[2]], merged)
+    with pytest.raises(RaptorError, match="anonymization \\(or its salt\\) differs"):
+        merge_parts([parts[0], salted[1], parts[2]], merged)
+    # The same salt everywhere merges; with this salt shard 1 holds no series, and an empty shard must still
+    # record the cohort's intensity preset (it once recorded minmax and the merge refused it).
+    assert read_table(salted[1], require_settings=False).ids == [] and merge_parts(salted, merged).rows == 7
+    merged.unlink()
+    # A torn last row (the shard was killed mid-write and not rerun).
+    torn = copies("torn")
+    with open(torn[2], "ab") as handle:
+        handle.write(b"1.2.3,half a row,0.1")
+    with pytest.raises(RaptorError, match=f"{torn[2]}: line 4 is torn \\(the writer was killed mid-row\\); rerun"):
+        merge_parts(torn, merged)
+    # A series twice (a part's rows pasted onto it again).
+    twice = copies("twice")
+    lines = twice[0].read_text().splitlines(keepends=True)
+    twice[0].write_text("".join(lines) + lines[1])
+    row_id = lines[1].split(",", 1)[0]
+    with pytest.raises(RaptorError, match=f"{twice[0]}: id '{row_id}' appears more than once"):
+        merge_parts(twice, merged)
+    # Stale or edited plans: a row its plan does not list, a plan listing another shard's series, plans short of the cohort.
+    foreign = copies("foreign")
+    extra = parts[1].read_text().splitlines(keepends=True)[1]
+    with open(foreign[0], "a") as handle:
+        handle.write(extra)
+    with pytest.raises(RaptorError, match=f"{foreign[0]}: row '{extra.split(',', 1)[0]}' is not in its shard's plan"):
+        merge_parts(foreign, merged)
+    for name, edit, message in (
+        ("listed", lambda r, other: r["assigned"].append(other), "its plan lists .*, which belongs to shard 1/3"),
+        ("short", lambda r, other: r.update(assigned=[]), "do not add up to the planned cohort"),
+    ):
+        edited = copies(name)
+        record_file = edited[0].with_name("part0.batch.json")
+        record = json.loads(record_file.read_text())
+        if name == "short":  # shard 0's rows and failures removed with its plan: only the cohort's sum can tell
+            edited[0].write_text(edited[0].read_text().splitlines(keepends=True)[0])
+        edit(record, read_table(parts[1]).ids[0])
+        record_file.write_text(json.dumps(record))
+        with pytest.raises(RaptorError, match=message):
+            merge_parts(edited, merged)
+    assert not merged.exists()

@@ -25,6 +25,7 @@ from RaptorExtension.cohort.sources import (
 from RaptorExtension.errors import InputError, RaptorError
 
 
+@pytest.mark.needs_shared_data
 def test_folder_tree_groups_dicom_by_series_and_finds_volume_files(tmp_path):
     written = write_cohort(tmp_path / "cohort", 3)
     # One series split over two folders (regrouped by UID), and a second series in the same folder as another.
@@ -82,6 +83,7 @@ def test_filters_by_modality_slices_and_description():
         SeriesFilter(description="(unclosed")
 
 
+@pytest.mark.needs_shared_data
 def test_manifest_paths_ids_and_header_filling(tmp_path):
     written = write_cohort(tmp_path / "data", 2)
     nrrd = write_nrrd(tmp_path / "data" / "vol.nrrd", np.ones((5, 6, 7), dtype=np.int16))
@@ -141,6 +143,30 @@ def test_ids_are_unique_and_stable():
     clash = [SeriesItem(key="k1", kind="path", paths=["/a/ct.nrrd"], user_id="1.2.3"), items[3]]
     with pytest.raises(InputError, match="same id '1.2.3'"):
         assign_ids(clash)
+
+
+def test_an_id_never_depends_on_the_rest_of_the_cohort():
+    """Adding files (a second ct.nrrd in another folder, a DICOM series, a deeper file) renames nothing."""
+    items = [
+        SeriesItem(key="/a/p1/ct.nrrd", kind="path", paths=["/a/p1/ct.nrrd"]),
+        SeriesItem(key="/a/p2/ct.nrrd", kind="path", paths=["/a/p2/ct.nrrd"]),
+        SeriesItem(key="/a/ct.nii.gz", kind="path", paths=["/a/ct.nii.gz"]),
+        SeriesItem(key="/a/p3/deep/ct.mha", kind="path", paths=["/a/p3/deep/ct.mha"]),
+        SeriesItem(key="1.2.3", kind="dicom", paths=["/a/p1/dicom/1.dcm"], series_uid="1.2.3"),
+        SeriesItem(key="/a/p4/x", kind="dicom", paths=["/a/p4/x/1.dcm"]),  # a DICOM series without a UID
+        SeriesItem(key="/m/scans/ct.nrrd", kind="path", paths=["/m/scans/ct.nrrd"]),  # listed in /m/list.csv
+        SeriesItem(key="k", kind="path", paths=["/elsewhere/ct.nrrd"], user_id="case-7"),
+    ]
+    roots = ["/a", "/m"]
+    full = assign_ids(items, roots=roots)
+    assert full == ["p1__ct", "p2__ct", "ct", "p3__deep__ct", "1.2.3", "p4__x", "scans__ct", "case-7"]
+    rng = np.random.default_rng(0)
+    subsets = [[n] for n in range(len(items))] + [list(range(n)) for n in range(1, len(items))]
+    subsets += [sorted(rng.choice(len(items), size=rng.integers(1, len(items)), replace=False)) for _ in range(30)]
+    for subset in subsets:  # every id is the same whatever else the cohort holds
+        assert assign_ids([items[n] for n in subset], roots=roots) == [full[n] for n in subset]
+    # Nested source folders: the innermost one that holds the file names it, whatever the order given.
+    assert assign_ids(items[:2], roots=["/a/p1", "/a"]) == assign_ids(items[:2], roots=["/a", "/a/p1"]) == ["ct", "p2__ct"]
 
 
 def test_shards_partition_ids_deterministically():

@@ -26,6 +26,8 @@ from RaptorExtension.embeddings.table import read_table, write_table
 from RaptorExtension.errors import RaptorError
 from RaptorExtension.probes.probe import load_embeddings
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 F = 12

@@ -15,6 +15,7 @@ from RaptorExtension.embeddings.table import read_table
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is a dependency of Raptor; install it with pip install -e .")
 
 
+@pytest.mark.needs_shared_data
 def test_parquet_holds_the_csv_rows_bit_for_bit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # Two rows per row group, so three series exercise a partial last group.
     monkeypatch.setattr(parquet_module, "ROWS_PER_GROUP", 2)
@@ -37,6 +38,7 @@ def test_parquet_holds_the_csv_rows_bit_for_bit(tiny_model_dir, tmp_path, capsys
     assert not list(parquet_path.parent.glob(".cohort.parquet.*"))  # no temporary file left behind
 
 
+@pytest.mark.needs_shared_data
 def test_missing_pyarrow_is_one_line_before_anything_runs(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` raise ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)

@@ -60,6 +60,7 @@ def test_index_streams_ids_offsets_and_checks_every_row(tmp_path):
         index_table(path)
 
 
+@pytest.mark.slow
 def test_repair_tail_cuts_only_a_torn_last_line(tmp_path):
     path = tmp_path / "t.csv"
     table = StreamingAppender(path, header_for(_embedding("a", n=300000), EXTRA))  # rows longer than the 1 MB read block

@@ -150,7 +150,7 @@ def test_info_shows_the_projector_file(tiny_model_dir, volume_file, tmp_path, ca
     capsys.readouterr()
     assert main(["info", str(tmp_path / "e" / "vol.npz"), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["projection"] == "file" and meta["projection_file"] == str(proj)
+    assert meta["projection"] == "file" and meta["projection_file"] == proj.name
     assert meta["projection_file_sha256"] == hashlib.sha256(proj.read_bytes()).hexdigest()
 
 

@@ -146,3 +146,44 @@ def test_probe_module_loads_after_the_embed_module():
     dependencies = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)
                     and ast.unparse(n.targets[0]) == "self.parent.dependencies"]
     assert dependencies and ast.literal_eval(dependencies[0].value) == ["RaptorEmbed"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_widget_the_panel_uses_is_in_its_ui_and_every_bound_parameter_exists(name):
+    """``self.ui.x`` must name a widget of the .ui (else AttributeError in Slicer), and each widget's
+    ``SlicerParameterName`` a field of the module's ``@parameterNodeWrapper`` class (else connectGui fails)."""
+    source = (ROOT / name / f"{name}.py").read_text(encoding="utf-8")
+    widgets = {w.get("name") for w in ui_root(name).iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and not (used - widgets), f"{name}.py uses widgets its .ui lacks: {sorted(used - widgets)}"
+    tree = ast.parse(source)
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef)
+                   and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list))
+    fields = {n.target.id: _base_type(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    bound = {p.findtext("string"): w.get("class") for w in ui_root(name).iter("widget") for p in w.findall("property")
+             if p.get("name") == "SlicerParameterName"}
+    assert bound and not (set(bound) - set(fields)), f"{name}.ui binds parameters the node lacks: {sorted(set(bound) - set(fields))}"
+    # The connector Slicer's parameterNodeWrapper picks for a widget class must take the parameter's type.
+    wrong = {param: (widget, fields[param]) for param, widget in bound.items()
+             if not any(fields[param] == t or (t == "vtkMRML" and fields[param].startswith("vtkMRML"))
+                        for t in CONNECTOR_TYPES.get(widget, ()))}
+    assert not wrong, f"{name}.ui binds widgets to parameters of a type their connector does not take: {wrong}"
+
+
+CONNECTOR_TYPES = {
+    # widget class -> parameter types its guiConnectors.py connector takes (Slicer 5.10)
+    "QLineEdit": ("str",), "QComboBox": ("str", "int", "float"), "ctkComboBox": ("str", "int", "float"),
+    "QSpinBox": ("int",), "QDoubleSpinBox": ("float",), "ctkDoubleSpinBox": ("float",),
+    "ctkSliderWidget": ("float",), "qMRMLSliderWidget": ("float",), "QSlider": ("int",),
+    "QCheckBox": ("bool",), "ctkCheckBox": ("bool",), "QRadioButton": ("bool",), "QPushButton": ("bool",),
+    "ctkPathLineEdit": ("Path",), "ctkDirectoryButton": ("Path",),
+    "qMRMLNodeComboBox": ("vtkMRML",), "QLabel": ("str", "int", "float"),
+}
+
+
+def _base_type(annotation: ast.expr) -> str:
+    """``Annotated[int, WithinRange(...)]`` -> ``int``; ``vtkMRMLScalarVolumeNode`` as is."""
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        inner = annotation.slice.elts[0] if isinstance(annotation.slice, ast.Tuple) else annotation.slice
+        return ast.unparse(inner)
+    return ast.unparse(annotation)

@@ -27,6 +27,8 @@ from RaptorExtension.probes.dicom_results import frames_for_source, read_source_
 from RaptorExtension.probes.probe_file import read_probe_file
 from RaptorExtension.volumes.readers import read_slicer_file, read_volume
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 hd = pytest.importorskip("highdicom")
 
 PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
@@ -34,7 +36,7 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory) -> dict:
+def series(shared_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dicom-results")
     frame = generate_uid(entropy_srcs=["raptor-test", "frame"])
     axial = write_axial(small_ct(0), root / "axial", patient_id="RAPTOR-SR-0001", frame_of_reference_uid=frame)

@@ -161,6 +161,7 @@ def test_refusals_come_before_any_encoding(tiny_model_dir, tiny_encoder):
 # A task the heatmap must localize: a bright blob at a random place.
 
 
+@pytest.mark.slow
 def test_fitted_probe_heatmap_peaks_at_the_blob(tmp_path, tiny_model_dir, tiny_encoder):
     """Why this works with a random tiny ViT: a patch token is mostly a linear function of its pixels, so
     'bright patch' is a direction the probe can weight at every patch position; explained, the blob's patch
@@ -195,6 +196,7 @@ def test_fitted_probe_heatmap_peaks_at_the_blob(tmp_path, tiny_model_dir, tiny_e
         assert sum(near) >= 2, near
 
 
+@pytest.mark.slow
 def test_background_baseline_ranks_slices_through_the_blob(tmp_path, tiny_model_dir, tiny_encoder):
     """The blob task with empty (zero) slices around every volume, as air and padding surround a body.
 

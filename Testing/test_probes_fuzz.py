@@ -24,6 +24,8 @@ from RaptorExtension.errors import RaptorError
 from RaptorExtension.probes.probe import Probe
 from RaptorExtension.probes.probe_file import content_digest, read_probe_file
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
+
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 F = 12

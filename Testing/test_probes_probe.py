@@ -86,6 +86,7 @@ def labels_array(labels):
     return np.array([int(v) for v in next(iter(labels.columns.values()))])
 
 
+@pytest.mark.slow
 def test_fit_is_deterministic_bit_for_bit(tmp_path, embeddings, features):
     labels = read_labels(write_labels(tmp_path / "labels.csv", {"y": binary_labels(features)}))
     a = fit_probe(embeddings, labels, FitOptions(select="cv", folds=4)).probe
@@ -96,6 +97,7 @@ def test_fit_is_deterministic_bit_for_bit(tmp_path, embeddings, features):
     assert a.training["fitted_on"] == ["train", "val"]
 
 
+@pytest.mark.slow
 def test_multiclass_multilabel_and_regression(tmp_path, embeddings, features):
     rng = np.random.default_rng(2)
     grade = np.digitize(features[:, 2] + 0.3 * rng.normal(size=N), [-0.6, 0.6])
@@ -265,6 +267,7 @@ def test_mismatched_embeddings_are_refused_naming_the_difference(tmp_path, saved
         probe.apply(load_embeddings([tmp_path / "scan7.npz"]))
 
 
+@pytest.mark.slow
 def test_embeddings_from_csv_and_npz_folder_agree(tmp_path, features):
     embeddings = [Embedding(vector=features[i], metadata=settings_meta(id=f"v{i}")) for i in range(N)]
     write_table(tmp_path / "emb.csv", embeddings)
@@ -346,6 +349,7 @@ def test_grid_edge_warning_says_which_way_to_extend_the_grid():
     assert grid_edge_warning("C", 1.0, (1.0,)) is None  # a one-value grid is the user's explicit choice
 
 
+@pytest.mark.slow
 def test_a_choice_at_the_edge_of_the_grid_is_reported(tmp_path):
     """Separable wide data: validation AUC rises with C, so a grid that stops at 0.1 chooses its edge and says so."""
     rng = np.random.default_rng(5)

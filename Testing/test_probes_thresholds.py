@@ -112,6 +112,7 @@ def test_on_an_imbalanced_task_the_chosen_threshold_beats_one_half():
     assert not imbalance_warnings(result.warnings)  # the threshold accounts for the imbalance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select, chosen_on", [("val", "val"), ("cv", "oof")])
 def test_a_sensitivity_target_holds_where_the_threshold_was_chosen(select, chosen_on):
     x, y = imbalanced_task(1200, seed=2)
@@ -125,6 +126,7 @@ def test_a_sensitivity_target_holds_where_the_threshold_was_chosen(select, chose
     assert spec.metrics[chosen_on]["specificity"] >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", ["val", "cv"])
 def test_the_threshold_is_never_chosen_on_rows_the_final_model_was_fitted_on(select):
     """Pure-noise, wide features mark every row: a model fitted on a row memorizes it (AUC ~1 there), while rows it
@@ -196,6 +198,7 @@ def test_binary_metrics_json_has_every_rate_with_its_interval(tmp_path):
 # Class weighting and calibration
 
 
+@pytest.mark.slow
 def test_calibration_lowers_the_brier_score_of_a_miscalibrated_probe(tmp_path):
     """Balanced class weights on 10% positives inflate every probability; calibration brings them back."""
     x, y = imbalanced_task(1500, seed=6)
@@ -243,6 +246,7 @@ def test_stored_calibrators_reproduce_scikit_learns_calibrated_probabilities(met
     np.testing.assert_allclose(calibration.probabilities(task, decision), reference.predict_proba(x), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_multilabel_gets_one_threshold_per_label_and_multiclass_keeps_the_arg_max(tmp_path):
     x, y = imbalanced_task(900, seed=9)
     rng = np.random.default_rng(9)
@@ -277,6 +281,7 @@ def test_multilabel_gets_one_threshold_per_label_and_multiclass_keeps_the_arg_ma
         fit(x, None, splits, FitOptions(threshold="youden"), columns=mc_columns)
 
 
+@pytest.mark.slow
 def test_imbalance_warning_when_nothing_accounts_for_a_rare_class():
     x, y = imbalanced_task(600, seed=10)
     splits = split_list(300, 150, 150)
@@ -378,6 +383,7 @@ def test_threshold_and_calibration_fields_are_validated(calibrated_file, tmp_pat
         Probe.load(bad)
 
 
+@pytest.mark.slow
 def test_isotonic_knots_are_validated(tmp_path):
     x, y = imbalanced_task(400, seed=13)
     good = fit(x, y, split_list(200, 100, 100), FitOptions(calibrate="isotonic", bootstrap=0)).probe.save(
@@ -392,6 +398,7 @@ def test_isotonic_knots_are_validated(tmp_path):
         Probe.load(_rewritten(good, tmp_path / "bad.raptorprobe", backwards))
 
 
+@pytest.mark.slow
 def test_cli_fit_writes_thresholds_intervals_and_a_reliability_diagram(tmp_path, capsys):
     x, y = imbalanced_task(500, seed=14)
     splits = split_list(250, 125, 125)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -74,6 +75,7 @@ def test_listening_beyond_loopback_without_a_token_is_refused_at_start():
     assert len(lines) == 1 and lines[0].startswith("raptor: error: refusing to listen on 0.0.0.0 without a token")
 
 
+@pytest.mark.slow
 def test_an_oversized_upload_gets_413_and_the_server_goes_on(tmp_path):
     server = start_server(tmp_path, "--max-upload-mb", "1")
     try:
@@ -135,6 +137,7 @@ def test_paths_outside_the_allowed_roots_get_403(raptor_server, tmp_path):
         assert caught.value.status == 403 and "outside the folders this server may use" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_server_with_no_allowed_root_reads_no_paths(tmp_path):
     import os
 
@@ -158,6 +161,11 @@ def test_health_says_version_devices_models_and_queue(raptor_server):
 
     info = raptor_server.client().health()
     assert info["version"] == __version__ and info["api"] == "v1"
+    for _ in range(600):  # the device list is found in the background (importing PyTorch takes a while)
+        if info["devices_ready"]:
+            break
+        time.sleep(0.05)
+        info = raptor_server.client().health()
     assert info["devices"][0]["name"] == "cpu"
     assert set(info["queue"]) == {"interactive", "batch"}
     assert isinstance(info["models"], list)

@@ -21,6 +21,9 @@ import pytest
 from RaptorExtension.errors import RaptorError
 from RaptorExtension.server.client import RaptorClient, ServerUnreachable
 from RaptorExtension.server.launcher import LocalServer
+from RaptorExtension.slicerlogic.compute import Compute
+
+pytestmark = pytest.mark.slow  # every test here takes seconds: real subprocesses, servers or many fits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +57,7 @@ def test_the_local_server_starts_on_first_use_is_reused_and_restarts_after_a_cra
         first_pid = client.health()["pid"]
         assert server.client().health()["pid"] == first_pid  # reused, not started again
         assert server.starts == 1
+        assert Compute(local=server).try_health()["pid"] == first_pid
         os.kill(first_pid, signal.SIGKILL)
         server.process.wait(10)
         with pytest.raises(RaptorError, match="local Raptor server stopped"):
@@ -65,6 +69,22 @@ def test_the_local_server_starts_on_first_use_is_reused_and_restarts_after_a_cra
     finally:
         server.stop()
     assert not server.running
+
+
+def test_the_panel_test_button_never_waits_for_a_starting_local_server():
+    """``try_health`` (polled by the Compute panel's timer) answers None at once while the server starts."""
+    compute = Compute(local=LocalServer())
+    try:
+        assert compute.try_health() is None  # the first call starts the server and returns without waiting
+        assert compute.local.running and compute.local.url is None
+        deadline = time.monotonic() + 120
+        info = None
+        while info is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            info = compute.try_health()
+        assert info is not None and info["pid"] == compute.local.process.pid
+    finally:
+        compute.shutdown()
 
 
 def test_the_server_exits_when_its_parent_dies(tmp_path):

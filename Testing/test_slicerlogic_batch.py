@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 from batch_fixtures import small_ct, tiny_settings
 from ctk_database import create_database, insert_files
@@ -18,7 +19,7 @@ from RaptorExtension.slicerlogic.embed_job import CANCELLED, DONE
 
 
 @pytest.fixture(scope="module")
-def database(tmp_path_factory):
+def database(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("slicerdb")
     folder = root / "SlicerDICOMDatabase"
     db = create_database(folder / "ctkDICOM.sql")
@@ -38,7 +39,13 @@ def run_to_end(logic: BatchLogic, items, csv, settings, **kw):
     return run, progress, finished
 
 
-def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_model_dir, tmp_path, raptor_server):
+def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_model_dir, tiny_encoder, tmp_path,
+                                                                  raptor_server):
+    """The batch runs on the embed logic's server with the module's model: its rows say which weights made them,
+    and each equals the series embedded here, in this process, with that model."""
+    from RaptorExtension.cohort.sources import load_item
+    from RaptorExtension.encoding.pipeline import Embedder
+
     found, _ = discover_database(database)
     embed = EmbedLogic(compute=raptor_server.compute())
     logic = BatchLogic(embed)
@@ -50,8 +57,18 @@ def test_batch_section_embeds_the_database_with_the_loaded_model(database, tiny_
     assert any(p.phase == "embedding" for p in progress)
     table = read_table(tmp_path / "cohort.csv")
     assert len(table.ids) == 3 and set(table.columns["PatientID"]) == {f"RAPTOR-BATCH-{i}" for i in range(3)}
-    # The batch ran on the embed logic's server, which keeps the model loaded for the next job.
-    assert [m["model"] for m in embed.compute.health()["models"]] == [str(tiny_model_dir)]
+    # The model the batch used, as its rows record it: the module's model folder and its weights.
+    assert table.settings["encoder"] == str(tiny_model_dir)
+    assert table.settings["weight_sha256"] == tiny_encoder.weight_sha256
+    # And as its numbers show: every row equals that series embedded in this process with the tiny model.
+    here = Embedder(settings, encoder=tiny_encoder)
+    by_uid = {item.series_uid: item for item in found.items}
+    for row_id, features in zip(table.ids, table.features):
+        expected = here.embed_volume(load_item(by_uid[row_id], row_id)).vector
+        np.testing.assert_array_equal(features, expected)
+    # The server keeps exactly that model loaded for the module's next job.
+    loaded = embed.compute.health()["models"]
+    assert [(m["model"], m["weight_sha256"]) for m in loaded] == [(str(tiny_model_dir), tiny_encoder.weight_sha256)]
     # A second start resumes: nothing left to do.
     run2, _, _ = run_to_end(logic, found.items, tmp_path / "cohort.csv", settings)
     assert run2.summary.done == 0 and run2.summary.skipped == 3
@@ -82,12 +99,39 @@ def test_cancel_keeps_finished_rows_and_a_rerun_completes(database, slow_model_d
 
 
 def test_anonymized_batch_and_refusals(database, tiny_model_dir, tmp_path, raptor_server):
+    """The module's batch with a salt: no PatientID, UID, path or description of the database in any output;
+    pseudonyms are the salted HMAC-SHA256 the README describes, computed here independently."""
+    import hashlib
+    import hmac
+    import json
+
     found, _ = discover_database(database)
     logic = BatchLogic(EmbedLogic(compute=raptor_server.compute()))
     settings = tiny_settings(tiny_model_dir)
     with pytest.raises(RaptorError, match="no series to embed"):
         logic.start([], tmp_path / "none.csv", settings)
-    run, _, _ = run_to_end(logic, found.items, tmp_path / "anon.csv", settings, anonymizeSalt="a-long-enough-salt-123")
-    assert run.status == DONE
-    text = (tmp_path / "anon.csv").read_text()
-    assert "RAPTOR-BATCH" not in text
+    with pytest.raises(RaptorError, match="at least 16 characters"):
+        logic.start(found.items, tmp_path / "short.csv", settings, anonymizeSalt="short")
+    salt = "a-long-enough-salt-123"
+    run, _, _ = run_to_end(logic, found.items, tmp_path / "anon.csv", settings, anonymizeSalt=salt)
+    assert run.status == DONE and run.summary.done == 3
+    outputs = {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()}
+    assert sorted(outputs) == ["anon.batch.json", "anon.csv", "anon_errors.csv"]
+    secrets = {str(database), str(database.parent)}
+    for item in found.items:
+        secrets |= {item.patient_id, item.study_uid, item.series_uid, item.description, *item.paths}
+    for name, text in outputs.items():
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} found in {name}"
+
+    def digest(kind: str, value: str) -> bytes:
+        return hmac.new(salt.encode(), f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+
+    table = read_table(tmp_path / "anon.csv")
+    for item in found.items:
+        row = table.ids.index(f"2.25.{int.from_bytes(digest('UID', item.series_uid)[:16], 'big')}")
+        assert table.columns["SeriesInstanceUID"][row] == table.ids[row]
+        assert table.columns["StudyInstanceUID"][row] == f"2.25.{int.from_bytes(digest('UID', item.study_uid)[:16], 'big')}"
+        assert table.columns["PatientID"][row] == f"anon-{digest('PatientID', item.patient_id).hex()[:16]}"
+        assert table.columns["source"][row] == "" and table.columns["SeriesDescription"][row] == ""
+    assert json.loads(outputs["anon.batch.json"])["anonymized"] is True

@@ -22,17 +22,6 @@ from RaptorExtension.volumes.slicer_io import numpy_to_matrix, volume_from_node
 hd = pytest.importorskip("highdicom")
 
 
-@pytest.fixture
-def scene():
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-
-
 def node_from_dicom(scene, folder, name="CT"):
     """A volume node as Slicer's DICOM loader leaves it: voxels, geometry and the instance UIDs."""
     import slicer
@@ -49,6 +38,7 @@ def node_from_dicom(scene, folder, name="CT"):
     return node, uids
 
 
+@pytest.mark.needs_shared_data
 def test_scores_and_heatmap_of_a_dicom_node_are_saved_for_the_database(scene, tiny_model_dir, tiny_encoder, tmp_path,
                                                                       raptor_server):
     written = write_axial(small_ct(2), tmp_path / "ct", patient_id="RAPTOR-SLICER-1",
@@ -84,6 +74,14 @@ def test_scores_and_heatmap_of_a_dicom_node_are_saved_for_the_database(scene, ti
     by_position = sorted(range(int(pm.NumberOfFrames)),
                          key=lambda n: float(pm.PerFrameFunctionalGroupsSequence[n].PlanePositionSequence[0].ImagePositionPatient[2]))
     assert np.array_equal(pm.pixel_array[by_position], expected)  # what the panel shows is what the PACS gets
+    # The panel's button: the logic remembers this node's last scores and explanation and saves the same files.
+    assert logic.canSaveToDicom(node) and not logic.canSaveToDicom(None)
+    again = logic.saveToDicom(node, tmp_path / "panel", filesForInstance=uids.get)
+    assert sorted(p.name for p in again) == ["CT_organ_pancreas_pm.dcm", "CT_organ_sr.dcm"]
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
+    assert not logic.canSaveToDicom(other)
+    with pytest.raises(RaptorError, match="nothing to save"):
+        logic.saveToDicom(other, tmp_path / "none")
 
 
 def test_a_node_not_from_dicom_gets_a_clear_message_and_nothing_is_written(scene, tiny_model_dir, tiny_encoder, tmp_path):

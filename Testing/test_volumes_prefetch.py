@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from batch_fixtures import small_ct
 from derived_dicom import write_axial
 
@@ -20,6 +21,8 @@ from RaptorExtension.volumes.prefetch import (
 from RaptorExtension.volumes.volume import VolumeRef
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
 def test_process_loaders_match_direct_reads_and_survive_a_crashing_reader(tmp_path):
     for i in range(3):
         write_axial(small_ct(i), tmp_path / f"s{i}", patient_id=f"P{i}")
@@ -44,6 +47,7 @@ def _base() -> str:
     return handoff_base()
 
 
+@pytest.mark.slow
 def test_stale_handoff_folders_of_dead_jobs_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

@@ -161,6 +161,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in the server (default 1)")
     parser.add_argument("--tick-ms", type=float, default=100.0, help="main-loop idle time per tick (default 100)")
     parser.add_argument("--modes", default="cli,thread,server")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the modes in turn this many times and report each mode's median run (on a shared "
+                             "machine, alternating keeps a change of load from favouring one mode)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     _THREADS = args.threads
@@ -184,19 +187,26 @@ def main() -> int:
     volume = volume_from_node(node, id="CT", source="slicer:CT", modality="CT")
     print(f"CT {volume.array.shape} ({volume.array.nbytes / 2**20:.0f} MB), grid {args.grid}, K={args.k}, "
           f"{args.threads} thread(s), tick {args.tick_ms:.0f} ms", file=sys.stderr)
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            if mode == "cli":
+                r = run_cli(settings, volume)
+            elif mode == "thread":
+                r = run_thread(settings, volume, args.tick_ms)
+            elif mode == "server":
+                r = run_server(settings, node, scene, args.tick_ms)
+            else:
+                raise SystemExit(f"unknown mode {mode}")
+            runs.setdefault(mode, []).append(r)
+            stall = f", longest main-thread stall {r['max_stall_ms']:.1f} ms" if r["max_stall_ms"] is not None else ""
+            print(f"{mode:6s} (run {repeat + 1}): {r['seconds']:.1f} s, {r['slices_per_s']:.2f} slices/s{stall}",
+                  file=sys.stderr)
     results = {}
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        if mode == "cli":
-            results[mode] = run_cli(settings, volume)
-        elif mode == "thread":
-            results[mode] = run_thread(settings, volume, args.tick_ms)
-        elif mode == "server":
-            results[mode] = run_server(settings, node, scene, args.tick_ms)
-        else:
-            raise SystemExit(f"unknown mode {mode}")
-        r = results[mode]
-        stall = f", longest main-thread stall {r['max_stall_ms']:.1f} ms" if r["max_stall_ms"] is not None else ""
-        print(f"{mode:6s}: {r['seconds']:.1f} s, {r['slices_per_s']:.2f} slices/s{stall}", file=sys.stderr)
+    for mode, done in runs.items():
+        results[mode] = dict(sorted(done, key=lambda r: r["seconds"])[len(done) // 2], runs_seconds=[r["seconds"] for r in done])
+        if done[0]["max_stall_ms"] is not None:
+            results[mode]["max_stall_ms_all_runs"] = max(r["max_stall_ms"] for r in done)
     if "cli" in results and "server" in results:
         ratio = results["server"]["slices_per_s"] / results["cli"]["slices_per_s"]
         results["server_vs_cli"] = ratio

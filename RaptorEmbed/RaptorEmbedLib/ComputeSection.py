@@ -26,6 +26,7 @@ class ComputeSection:
     def __init__(self, ui, busy) -> None:
         self.ui = ui
         self.busy = busy
+        self._testTimer = None  # polls a Test while the local server starts
         settings = qt.QSettings()
         remote = settings.value(MODE_KEY, LOCAL) == REMOTE
         self.ui.remoteComputeRadioButton.checked = remote
@@ -80,16 +81,40 @@ class ComputeSection:
             self.ui.computeStatusLabel.text = _("Jobs run on the Raptor server at {url}.").format(url=compute.url)
 
     def onTest(self) -> None:
-        """Connect (starting the local server if needed) and show version, devices and the loaded model."""
+        """Connect (starting the local server if needed) and show version, devices and the loaded model.
+
+        A local server takes seconds to start: the answer is polled from a timer
+        rather than waited for, so the interface stays responsive meanwhile.
+        """
         self.apply()
+        self.ui.testServerButton.enabled = False
+        self.ui.computeStatusLabel.text = _("Connecting to the Raptor server...")
+        self._testTimer = qt.QTimer()
+        self._testTimer.setInterval(250)
+        self._testTimer.connect("timeout()", self._pollTest)
+        self._testTimer.start()
+        self._pollTest()
+
+    def _pollTest(self) -> None:
+        compute = shared_compute()
         try:
-            with slicer.util.WaitCursor():
-                info = shared_compute().health()
+            info = compute.try_health()
         except RaptorError as exc:
+            self._endTest()
             self.ui.computeStatusLabel.text = str(exc)
             slicer.util.errorDisplay(str(exc))
             return
-        self.ui.computeStatusLabel.text = describe_health(info, shared_compute().where())
+        if info is None:
+            self.ui.computeStatusLabel.text = _("Starting the Raptor server on this computer...")
+            return
+        self._endTest()
+        self.ui.computeStatusLabel.text = describe_health(info, compute.where())
+
+    def _endTest(self) -> None:
+        timer, self._testTimer = getattr(self, "_testTimer", None), None
+        if timer is not None:
+            timer.stop()
+        self.ui.testServerButton.enabled = True
 
     def onUnload(self) -> None:
         if self.busy():

@@ -344,11 +344,12 @@ def _explain_on_server(args: argparse.Namespace, probe):
     snapshot = finished_or_raise(client.wait(job["id"]), name)
     result = snapshot["result"]
     files = result["files"]
-    with atomic_write(args.output) as handle:
-        handle.write(client.fetch(job["id"], files["figure"]))
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # everything fetched before anything is written
         ex = load_explanation(client.fetch_to(job["id"], files["explanation"], f"{folder}/explanation.npz"))
+        figure = client.fetch(job["id"], files["figure"])
     client.forget(job["id"])
+    with atomic_write(args.output) as handle:
+        handle.write(figure)
     scores = np.array([float(result["scores"][name]) for name in probe.classes])
     return result["id"], ex, scores
 

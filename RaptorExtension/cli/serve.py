@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import RaptorError
 from .options import positive_int
 
 
@@ -44,6 +45,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..server.serve import ServeOptions, read_token_file, serve
 
     token = read_token_file(args.token_file) if args.token_file else (os.environ.get(TOKEN_ENV) or None)
+    if token is not None and not args.token_file and len(token.strip()) < 16:
+        raise RaptorError(f"{TOKEN_ENV}: the token must be at least 16 characters")
     options = ServeOptions(
         host=args.host, port=args.port, token=token, allow_roots=list(args.allow_root), work_dir=args.work_dir,
         max_upload_mb=args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -63,6 +63,9 @@ class BatchJob:
     keep_descriptions: bool = False
     errors_csv: str | Path | None = None
     parquet: str | Path | None = None
+    read_roots: Sequence[Path] | None = None
+    """Folders every series' files must lie in (a server's ``--allow-root``): a manifest or a DICOM database
+    that lists files elsewhere gets those series left out, unread.  None: anywhere (the command line)."""
 
     @property
     def csv_path(self) -> Path:

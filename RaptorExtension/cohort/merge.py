@@ -65,10 +65,11 @@ def merge_parts(parts: Sequence[str | Path], output: str | Path) -> MergeSummary
         check_compatible(first["settings"], record["settings"], f"{part} vs {first_part}")
         if int(record["shard"][1]) != count:
             raise RaptorError(f"{part}: is shard {record['shard'][0]}/{record['shard'][1]}, {first_part} one of {count}")
-        if record["cohort_sha256"] != first["cohort_sha256"]:
-            raise RaptorError(f"{part}: was planned from another cohort than {first_part} (sources or filters differ)")
+        # The salt first: another salt gives other ids, so the cohort check would blame the sources.
         if bool(record.get("anonymized")) != bool(first.get("anonymized")) or record.get("salt_check") != first.get("salt_check"):
             raise RaptorError(f"{part}: anonymization (or its salt) differs from {first_part}")
+        if record["cohort_sha256"] != first["cohort_sha256"]:
+            raise RaptorError(f"{part}: was planned from another cohort than {first_part} (sources or filters differ)")
         index = int(record["shard"][0])
         if index in seen_shards:
             raise RaptorError(f"shard {index}/{count} is given twice: {seen_shards[index]} and {part}")

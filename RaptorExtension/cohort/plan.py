@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ class Plan:
     shard: tuple[int, int]
     failed_sources: list[tuple[str, str]] = field(default_factory=list)
     """(where, reason) for each source that could not be listed (a PACS that refused or was unreachable)."""
+    modalities: list[str] = field(default_factory=list)
+    """Every shard's series' modalities ('' when unknown), one per series: the intensity preset is the cohort's,
+    so each shard (an empty one too) records the same settings and the parts merge."""
 
     @property
     def cohort_sha256(self) -> str:
@@ -64,6 +68,9 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
 
     def keep(items: list[SeriesItem], fill: bool) -> None:
         for item in items:
+            if outside(item):
+                excluded.append((item, "its files lie outside the folders this server may read"))
+                continue
             if fill and (filters.needs_headers or needs_modality):
                 fill_headers(item)
             reason = filters.exclusion(item)
@@ -71,6 +78,17 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
                 excluded.append((item, reason))
             else:
                 found.items.append(item)
+
+    roots = [Path(r).resolve() for r in job.read_roots] if job.read_roots is not None else None
+
+    def outside(item: SeriesItem) -> bool:
+        if roots is None or item.kind == "dicomweb":
+            return False
+        for path in item.paths:
+            resolved = Path(path).resolve()
+            if not any(resolved == root or root in resolved.parents for root in roots):
+                return True
+        return False
 
     def shown(kind: str, path: str, n: int, of: int) -> str:
         # Anonymized jobs never print a path: a folder may be named after a patient.
@@ -89,8 +107,10 @@ def discover(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
         if progress:
             progress(BatchProgress("discovering", message=f"reading {shown('database', database, n, len(job.sources.dicom_databases))}"))
         part, left_out = discover_database(database, filters, cancel=cancel)
-        found.extend(part)
         excluded.extend(left_out)
+        keep(part.items, fill=False)
+        part.items = []
+        found.extend(part)
     keep(list(job.sources.items), fill=True)
     for access in job.sources.dicomweb:
         from .dicomweb import discover_dicomweb
@@ -134,7 +154,9 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     if count < 1 or not 0 <= index < count:
         raise RaptorError(f"shard {index}/{count}: shards are numbered 0..N-1")
     found, excluded = discover(job, cancel=cancel, progress=progress)
-    raw_ids = assign_ids(found.items, roots=job.sources.folders)
+    # Ids are paths below the folder or manifest a file was found in: never renamed by files added later.
+    roots = [*job.sources.folders, *(os.path.dirname(os.path.abspath(m)) for m in job.sources.manifests)]
+    raw_ids = assign_ids(found.items, roots=roots)
     anonymizer = job.anonymizer
     planned = []
     for raw, item in zip(raw_ids, found.items):
@@ -146,7 +168,8 @@ def plan_job(job: BatchJob, *, cancel=None, progress: ProgressCallback | None = 
     planned.sort(key=lambda p: p.id)
     mine = [p for p in planned if shard_of(p.id, count) == index] if count > 1 else planned
     return Plan(series=mine, cohort_ids=sorted(ids), excluded=excluded, unusable_files=found.skipped_files,
-                shard=(index, count), failed_sources=found.failed_sources)
+                shard=(index, count), failed_sources=found.failed_sources,
+                modalities=[p.item.modality or "" for p in planned])
 
 
 def _one_line(value) -> str:

@@ -165,13 +165,13 @@ def _run_locked(job: BatchJob, outputs, *, progress, cancel, embedder, load_embe
 
 
 def _single_preset(job: BatchJob, plan: Plan) -> str:
-    """The one intensity preset of this cohort; a cohort whose modalities need different ones is refused."""
+    """The one intensity preset of this cohort (all shards); a cohort whose modalities need different ones is refused."""
     from ..volumes.intensity import resolve_preset
 
     s = job.settings
     presets: dict[str, set[str]] = {}
-    for planned in plan.series:
-        modality = planned.item.modality or None
+    for modality in plan.modalities:
+        modality = modality or None
         name = resolve_preset(s.preset, modality, s.ct_window).describe()
         presets.setdefault(name, set()).add(modality or "unknown")
     if len(presets) > 1:
@@ -192,7 +192,7 @@ def _resume_without_model(run: RunState, plan: Plan, preset: str, previous: dict
     no worker parts waiting to be merged, no torn last line); otherwise the
     model is loaded and the usual checks run.
     """
-    from ..embeddings.stream import index_table
+    from ..embeddings.stream import effective_header, index_table
     from ..encoding.pipeline import check_known_settings
     from ..names import recorded_model_name
     from .job import workers_dir_for
@@ -207,7 +207,8 @@ def _resume_without_model(run: RunState, plan: Plan, preset: str, previous: dict
     index = index_table(path, allow_torn_tail=True)
     n_features = int(previous.get("n_features") or 0)
     planned = {p.id for p in plan.series}
-    if index.torn_tail or index.header != header_for_job(n_features) or not planned <= set(index.ids):
+    # A table from before an added setting lacks its column: the header it will keep is its own.
+    if index.torn_tail or index.header != effective_header(path, header_for_job(n_features)) or not planned <= set(index.ids):
         return False
     if index.settings is not None:
         check_known_settings(index.settings, job.settings, f"{path} (existing rows) vs this run", preset)

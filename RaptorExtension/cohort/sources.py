@@ -442,24 +442,30 @@ def _clean(value: str) -> str:
 
 
 def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) -> list[str]:
-    """A unique, stable id per item.
+    """A unique id per item that depends on the item alone, never on the rest of the cohort.
 
     A manifest id wins; a DICOM series is its SeriesInstanceUID (the rule
     ``raptor embed`` follows too, :func:`..volumes.dicom.series_id`, so their rows
-    join), or without one the name of its folder; a file gets its name without
-    suffix, or, when two files share a name, its path below the source folder,
-    plus a short path hash if that is still ambiguous.
+    join); anything else (a volume file, a DICOM folder without a UID) is named
+    by its path below the source it was found in (``roots``: the ``--folder``
+    folders and the manifests' folders; the innermost one that holds it),
+    without its suffix and with ``__`` between folders: ``p1/ct.nrrd`` is
+    ``p1__ct`` and a file directly in the folder keeps its name.  So adding
+    files to a cohort never renames an earlier one, which would move it to
+    another shard and embed it again.  Only two paths that still give the same
+    id (``ct.nrrd`` beside ``ct.nii.gz``, or the same path below two source
+    folders) get a short hash of their full path each.
     """
     import hashlib
 
-    roots = [os.path.abspath(r) for r in roots]
+    roots = sorted({os.path.abspath(r) for r in roots}, key=len, reverse=True)  # the innermost root first
     for it in items:  # a manifest's DICOM folder: its UID from one header, as raptor embed reads it
         if it.kind == "path" and not it.user_id and not it.series_uid and os.path.isdir(it.paths[0]):
             it.series_uid = dicom_folder_uid(Path(it.paths[0]))
     is_series = [it.kind in ("dicom", "dicomweb") or (it.kind == "path" and os.path.isdir(it.paths[0])) for it in items]
     fixed = [bool(it.user_id) or (series and bool(it.series_uid)) for it, series in zip(items, is_series)]
     ids = [
-        it.user_id or (it.series_uid if fx else volume_id_from_path(Path(it.paths[0]).parent if it.kind == "dicom" else Path(it.paths[0])))
+        it.user_id or (it.series_uid if fx else _relative_id(os.path.dirname(it.paths[0]) if it.kind == "dicom" else it.paths[0], roots))
         for it, fx in zip(items, fixed)
     ]
 
@@ -472,10 +478,6 @@ def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) ->
     clash = collisions()
     for n, item in enumerate(items):
         if ids[n] in clash and not fixed[n]:
-            ids[n] = _relative_id(item.paths[0], roots)
-    clash = collisions()
-    for n, item in enumerate(items):
-        if ids[n] in clash and not fixed[n]:
             ids[n] = f"{ids[n]}-{hashlib.sha256(item.paths[0].encode()).hexdigest()[:8]}"
     clash = collisions()
     if clash:
@@ -484,10 +486,13 @@ def assign_ids(items: Sequence[SeriesItem], roots: Iterable[str | Path] = ()) ->
 
 
 def _relative_id(path: str, roots: list[str]) -> str:
-    best = path
+    """``path`` below the first of ``roots`` that holds it (else the whole path), as a file-name-safe id."""
+    best = os.path.abspath(path)
     for root in roots:
-        if path.startswith(root.rstrip(os.sep) + os.sep):
-            best = path[len(root.rstrip(os.sep)) + 1 :]
+        if best == root:  # the source folder is the series folder itself
+            return volume_id_from_path(Path(best))
+        if best.startswith(root.rstrip(os.sep) + os.sep):
+            best = best[len(root.rstrip(os.sep)) + 1 :]
             break
     parts = Path(best).parts
     name = volume_id_from_path(Path(parts[-1]))

@@ -214,7 +214,8 @@ def load_encoder(
         name, recorded = str(folder), OFFLINE_MODEL
     local = Path(name).expanduser()
     cache_dir = cache_dir or os.environ.get("RAPTOR_MODEL_CACHE") or None
-    kwargs = dict(attn_implementation="sdpa", cache_dir=cache_dir)
+    # safetensors only: a pytorch_model.bin is a pickle, and a server loads models its clients name.
+    kwargs = dict(attn_implementation="sdpa", cache_dir=cache_dir, use_safetensors=True)
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelError(f"{local}: is not a Hugging Face model folder (no config.json)")
@@ -279,6 +280,10 @@ def _offline_failure(name: str, reason: str, cache_dir: str | None) -> str:
 def _explain_load_failure(name: str, is_local: bool, error: Exception | None) -> str:
     text = str(error or "")
     if is_local:
+        if "safetensors" in text.lower():
+            return (f"{name}: holds no model.safetensors; Raptor loads weights only in the safetensors format "
+                    "(a pytorch_model.bin is a pickle, which can run code); convert the folder once with "
+                    "transformers' save_pretrained")
         return f"{name}: could not load the model folder ({text.splitlines()[0] if text else 'unknown error'})"
     offline = _hub_offline()
     not_found = "not a valid model identifier" in text or "RepositoryNotFound" in type(error).__name__

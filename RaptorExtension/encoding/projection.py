@@ -118,7 +118,9 @@ class Projection:
     def metadata(self) -> dict:
         meta = {"projection": self.name, "projection_sha256": self.sha256}
         if self.file is not None:
-            meta.update(projection_file=self.file, projection_file_sha256=self.file_sha256,
+            # The file's name, not its path: its SHA-256 identifies it, and a path would tell where it lay
+            # (a server's upload folder, a user's home), which differs between two runs that agree.
+            meta.update(projection_file=Path(self.file).name, projection_file_sha256=self.file_sha256,
                         projection_file_layout=self.file_layout)
         return meta
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import RaptorError
-from ..names import DEFAULT_MODEL, PLANES, PREPROCESS_CHOICES, PROJECTIONS, device_problem, window_problem
+from ..names import DEFAULT_MODEL, PLANES, PREPROCESS_CHOICES, PRESETS, PROJECTIONS, device_problem, window_problem
 
 DEFAULT_GRID = 256
 
@@ -22,7 +22,7 @@ class EmbedSettings:
 
     model: str = DEFAULT_MODEL
     k: int | None = 100  # None: 100, or the K of projection_file
-    seed: int = 0
+    seed: int | None = 0
     grid: int | str = DEFAULT_GRID
     preset: str = "auto"
     ct_window: tuple[float, float] | None = None
@@ -48,6 +48,19 @@ class EmbedSettings:
         if self.grid != "native" and not 2 <= int(self.grid) <= 2048:
             raise RaptorError(f"grid must be between 2 and 2048 voxels (got {self.grid})")
         self.planes = tuple(self.planes)
+        if not self.planes or any(p not in PLANES for p in self.planes) or len(set(self.planes)) != len(self.planes):
+            raise RaptorError(f"planes must be some of {', '.join(PLANES)}, each once (got {', '.join(map(str, self.planes)) or 'none'})")
+        if self.k is not None and not 1 <= int(self.k) <= 100_000:
+            raise RaptorError(f"K must be between 1 and 100000 (got {self.k})")
+        seed_limit = 2**32 if self.projection == "numpy-legacy" else 2**63
+        if self.seed is not None and not 0 <= int(self.seed) < seed_limit:  # None: R from a projector file
+            raise RaptorError(f"seed must be between 0 and {seed_limit - 1} (got {self.seed})")
+        if self.image_size is not None and not 14 <= int(self.image_size) <= 1024:
+            raise RaptorError(f"image size must be between 14 and 1024 pixels (got {self.image_size})")
+        if self.batch_size is not None and not 1 <= int(self.batch_size) <= 4096:
+            raise RaptorError(f"batch size must be between 1 and 4096 slices (got {self.batch_size})")
+        if str(self.preset).lower() not in PRESETS:
+            raise RaptorError(f"unknown intensity preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.preprocess not in PREPROCESS_CHOICES:
             raise RaptorError(
                 f"unknown slice preprocessing {self.preprocess!r} (choose from {', '.join(PREPROCESS_CHOICES)})"

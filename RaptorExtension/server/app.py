@@ -15,10 +15,12 @@ import hmac
 import json
 import logging
 import os
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -64,6 +66,11 @@ def create_app(ctx: ServerContext, jobs: JobManager, token: str | None) -> FastA
     app = FastAPI(title="Raptor", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     device_list: list[dict] = []
 
+    def find_devices() -> None:  # importing PyTorch and starting CUDA take seconds: not inside a request
+        device_list.extend(devices())
+
+    threading.Thread(target=find_devices, name="raptor-devices", daemon=True).start()
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if token is not None:
@@ -92,6 +99,10 @@ def create_app(ctx: ServerContext, jobs: JobManager, token: str | None) -> FastA
         return _error(400, f"bad request: {where}: {first.get('msg', 'invalid')}")
 
     async def json_body(request: Request) -> dict:
+        # A web page can send a "simple" cross-site POST (text/plain) to a token-less loopback server without
+        # asking first; application/json it cannot.
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise InputError("send the request as JSON (Content-Type: application/json)")
         size = int(request.headers.get("content-length") or 0)
         if size > MAX_JSON_BYTES:
             raise UploadTooLarge(f"a JSON request is limited to {MAX_JSON_BYTES >> 20} MB")
@@ -111,11 +122,9 @@ def create_app(ctx: ServerContext, jobs: JobManager, token: str | None) -> FastA
     # -- health and models ------------------------------------------------------
     @app.get(f"{PREFIX}/health")
     def health():
-        if not device_list:
-            device_list.extend(devices())
         return {
             "service": "raptor", "version": __version__, "api": API_VERSION, "pid": os.getpid(),
-            "devices": device_list, "models": ctx.models.loaded(), "queue": jobs.queue_lengths(),
+            "devices": list(device_list), "devices_ready": bool(device_list), "models": ctx.models.loaded(), "queue": jobs.queue_lengths(),
             "running": [j.snapshot()["kind"] for j in jobs.running()],
             "allow_roots": [str(r) for r in ctx.allow_roots], "max_upload_mb": ctx.uploads.max_bytes >> 20,
         }
@@ -180,8 +189,13 @@ def create_app(ctx: ServerContext, jobs: JobManager, token: str | None) -> FastA
         kind = data.get("kind")
         if kind not in KINDS:
             raise InputError(f"'kind' must be one of {', '.join(KINDS)}")
-        run = await run_in_threadpool(prepare, ctx, kind, data)  # reads the volume: off the event loop
-        return jobs.submit(kind, run).snapshot()
+        run = await run_in_threadpool(prepare, ctx, kind, data)  # checks the inputs: off the event loop
+        consumed = _uploads_named(data)
+        job = jobs.submit(kind, run, start=False,
+                          on_finish=lambda: [ctx.uploads.remove(upload_id) for upload_id in consumed])
+        # The job starts once this answer has left: a running job can hold the GIL for a while (VTK reading
+        # a volume does), and the Slicer modules wait for this answer on their main thread.
+        return JSONResponse(job.snapshot(), background=BackgroundTask(jobs.start, job))
 
     @app.get(f"{PREFIX}/jobs")
     def list_jobs():
@@ -220,6 +234,21 @@ def create_app(ctx: ServerContext, jobs: JobManager, token: str | None) -> FastA
         return FileResponse(job.folder / name, media_type="application/octet-stream", filename=name)
 
     return app
+
+
+def _uploads_named(request, key: str = "") -> list[str]:
+    """The upload ids a job request names, which the job consumes: the server removes them when it ends.
+
+    A projector file is the exception: a client embedding many volumes sends it
+    once and names it in every job (it goes when no job has named it for a day).
+    """
+    if isinstance(request, dict):
+        if key != "projection_file" and set(request) == {"upload"} and isinstance(request["upload"], str):
+            return [request["upload"]]
+        return [u for k, v in request.items() for u in _uploads_named(v, k)]
+    if isinstance(request, list):
+        return [u for v in request for u in _uploads_named(v, key)]
+    return []
 
 
 __all__ = ["create_app"]

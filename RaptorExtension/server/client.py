@@ -64,6 +64,16 @@ def token_from(token_file: str | None = None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A Raptor server never redirects; following one would send the bearer token elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 class RaptorClient:
     def __init__(self, url: str, token: str | None = None, *, cafile: str | None = None, timeout: float = 30.0) -> None:
         parsed = urllib.parse.urlparse(url.strip())
@@ -73,6 +83,12 @@ class RaptorClient:
         self.token = token
         self.timeout = timeout
         self._context = ssl.create_default_context(cafile=cafile) if parsed.scheme == "https" else None
+        handlers: list = [_NoRedirects()]
+        if parsed.hostname in LOOPBACK_HOSTS:  # a proxy (http_proxy) must never see a local server's token or scans
+            handlers.append(urllib.request.ProxyHandler({}))
+        if self._context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self._context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     # -- plumbing -------------------------------------------------------------
     def request(self, method: str, path: str, *, body: bytes | None = None, data: dict | None = None,
@@ -85,7 +101,7 @@ class RaptorClient:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.url + PREFIX + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout, context=self._context) as response:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc) from None

@@ -12,6 +12,7 @@ still in its queue is cancelled at once.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -45,6 +46,8 @@ class Job:
     error: str | None = None
     result: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    on_finish: Callable[[], None] | None = field(default=None, repr=False)
+    """Called once the job has ended, whatever the outcome (the server removes the uploads it consumed)."""
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -108,6 +111,8 @@ class JobManager:
 
     def __init__(self, work_dir: Path, redact: Callable[[str], str] = lambda message: message) -> None:
         self.work_dir = Path(work_dir)
+        (self.work_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        os.chmod(self.work_dir / "jobs", 0o700)  # results of patients' scans: this server's user only
         self.redact = redact
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -120,18 +125,25 @@ class JobManager:
             self._threads[lane] = thread
             thread.start()
 
-    def submit(self, kind: str, run: Callable[[Job], None]) -> Job:
+    def submit(self, kind: str, run: Callable[[Job], None], *, start: bool = True,
+               on_finish: Callable[[], None] | None = None) -> Job:
+        """Register a job (queued); ``start=False`` leaves it out of its lane until :meth:`start`."""
         if self._closed:
             raise RaptorError("the server is shutting down")
         job_id = uuid.uuid4().hex
         folder = self.work_dir / "jobs" / job_id
         folder.mkdir(parents=True)
-        job = Job(id=job_id, kind=kind, folder=folder, run=run)
+        job = Job(id=job_id, kind=kind, folder=folder, run=run, on_finish=on_finish)
         with self._lock:
             self.jobs[job_id] = job
-        self._queues[LANES[kind]].put(job)
+        if start:
+            self.start(job)
         self._forget_old()
         return job
+
+    def start(self, job: Job) -> None:
+        """Put a submitted job in its lane's queue (a job cancelled meanwhile is skipped there)."""
+        self._queues[LANES[job.kind]].put(job)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -190,9 +202,12 @@ class JobManager:
             if job is None:
                 return
             with job.lock:
-                if job.state != QUEUED:  # cancelled while it waited
-                    continue
-                job.state, job.started = RUNNING, time.time()
+                skipped = job.state != QUEUED  # cancelled while it waited
+                if not skipped:
+                    job.state, job.started = RUNNING, time.time()
+            if skipped:
+                self._call_on_finish(job)
+                continue
             self._execute(job)
 
     def _execute(self, job: Job) -> None:
@@ -213,16 +228,28 @@ class JobManager:
             if type(exc).__name__ == "OutOfMemoryError":
                 state, error = FAILED, "the GPU ran out of memory; use a smaller grid or the CPU"
             else:
-                state, error = FAILED, f"{job.kind} failed unexpectedly ({type(exc).__name__}: {exc})"
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                state, error = FAILED, f"{job.kind} failed unexpectedly ({type(exc).__name__}: {first})"
         if error is not None:
-            error = self.redact(error)
+            error = self.redact(error).replace(str(job.folder), "the job's folder")
         with job.lock:
             job.state, job.error, job.finished = state, error, time.time()
             job.stage = state
             if state != DONE:
                 job.result = {}
-        if state != DONE:
+        self._call_on_finish(job)
+        with self._lock:
+            forgotten = job.id not in self.jobs  # deleted while it ran: nobody will fetch its files
+        if state != DONE or forgotten:
             shutil.rmtree(job.folder, ignore_errors=True)
+
+    @staticmethod
+    def _call_on_finish(job: Job) -> None:
+        if job.on_finish is not None:
+            try:
+                job.on_finish()
+            except Exception:  # cleaning up must never turn a result into a failure
+                log.exception("job %s: cleaning up failed", job.id)
 
     def _forget_old(self) -> None:
         with self._lock:

@@ -43,8 +43,8 @@ class ModelPool:
             return Embedder(settings, encoder=self._encoder)
 
     def loaded(self) -> list[dict]:
-        with self._lock:
-            encoder = self._encoder
+        """What is loaded now; never waits for a load in progress (``/health`` must answer at once)."""
+        encoder = self._encoder
         if encoder is None:
             return []
         return [{

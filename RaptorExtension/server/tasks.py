@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, RaptorError
+from ..volumes.volume import Volume
 from .jobs import Job
 from .model_pool import ModelPool
 from .uploads import Uploads
@@ -127,44 +128,58 @@ def volume_info(data, what: str = "volume_info") -> VolumeInfo:
     return out
 
 
-def load_volume(ctx: ServerContext, request: dict, what: str = "volume"):
-    """The job's volume: an uploaded file or a path, read with Slicer's reader, then the client's names applied.
+def volume_loader(ctx: ServerContext, request: dict, what: str = "volume") -> Callable[[], Volume]:
+    """Check the job's volume now, read it later: returns the function that reads it (in the job).
 
-    When the client declares the exact IJK-to-RAS it wrote (a Slicer node's
-    geometry, say), the file's parsed geometry must agree to 1e-6 mm and the
-    declared one is used: so the server embeds exactly what the client would
-    have embedded itself.
+    Submitting must answer at once (the Slicer modules submit from their
+    timer, and a slow answer freezes the interface), so only the checks that
+    read no voxels run here: the upload or path, the client's names and
+    geometry, and the file's header against its size (a corrupt or truncated
+    file is a 400 now).  Reading the voxels with Slicer's reader happens when
+    the job runs.  When the client declares the exact IJK-to-RAS it wrote (a
+    Slicer node's geometry, say), the file's parsed geometry must agree to
+    1e-6 mm and the declared one is used: so the server embeds exactly what
+    the client would have embedded itself.
     """
+    from ..volumes.headers import check_volume_file, declared
     from ..volumes.readers import expand_input, read_slicer_file
 
     ref = request.get("volume")
     path = input_path(ctx, ref, "volume", what)
     info = volume_info(request.get("volume_info"))
-    if "upload" in ref:
-        volume = read_slicer_file(path, id=info.id or "volume")
+    uploaded = "upload" in ref
+    if uploaded:
+        found = declared(path)
+        if found is not None and found.data_path is not None and Path(found.data_path).resolve() != path.resolve():
+            raise InputError(f"{what}: its header names another file for its voxels; send one self-contained file")
+        check_volume_file(path)
     else:
         refs = expand_input(str(path))
         if len(refs) != 1:
             raise InputError(f"{what}: {path} holds {len(refs)} volumes; name one")
-        volume = refs[0].load()
-    if info.ijk_to_ras is not None:
-        read = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-        if np.abs(read - info.ijk_to_ras).max() > 1e-6 * max(1.0, float(np.abs(info.ijk_to_ras).max())):
-            raise InputError(f"{what}: the file's geometry differs from the geometry declared with it")
-        volume.ijk_to_ras = info.ijk_to_ras
-    if info.id:
-        volume.id = info.id
-    if info.source:
-        volume.source = info.source
-    elif "upload" in ref:
-        volume.source = f"upload:{volume.id}"  # never the server's own path
-    if info.modality:
-        volume.modality = info.modality
-    if info.info:
-        volume.info = dict(info.info)
-    if info.has_geometry is not None:
-        volume.has_geometry = info.has_geometry
-    return volume
+
+    def load() -> Volume:
+        volume = read_slicer_file(path, id=info.id or "volume") if uploaded else refs[0].load()
+        if info.ijk_to_ras is not None:
+            read = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+            if np.abs(read - info.ijk_to_ras).max() > 1e-6 * max(1.0, float(np.abs(info.ijk_to_ras).max())):
+                raise InputError(f"{what}: the file's geometry differs from the geometry declared with it")
+            volume.ijk_to_ras = info.ijk_to_ras
+        if info.id:
+            volume.id = info.id
+        if info.source:
+            volume.source = info.source
+        elif uploaded:
+            volume.source = f"upload:{volume.id}"  # never the server's own path
+        if info.modality:
+            volume.modality = info.modality
+        if info.info:
+            volume.info = dict(info.info)
+        if info.has_geometry is not None:
+            volume.has_geometry = info.has_geometry
+        return volume
+
+    return load
 
 
 # ---------------------------------------------------------------------------
@@ -222,9 +237,11 @@ def _check_device(device: str, what: str) -> None:
 
 def _prepare_embed(ctx: ServerContext, request: dict):
     settings = _settings(ctx, request)
-    volume = load_volume(ctx, request)  # a corrupt or refused file is answered now, as a 400
+    load = volume_loader(ctx, request)  # a corrupt or refused file is answered now, as a 400
 
     def run(job: Job) -> None:
+        job.set_stage("reading the volume")
+        volume = load()
         embedder = _embedder(job, ctx, settings)
         job.set_stage("encoding", f"{volume.id} on {embedder.encoder.device}")
         embedding = embedder.embed_volume(volume, progress=lambda _id, done, total: job.progress(done, total),
@@ -284,9 +301,29 @@ def _embedder(job: Job, ctx: ServerContext, settings):
         except Exception as exc:  # no network, gated model...: loading below says it in the user's terms
             job.set_stage("loading model", f"download failed ({type(exc).__name__}); trying the cache")
     job.set_stage("loading model", settings.model)
-    embedder = ctx.models.embedder_for(settings)
+    embedder = ctx.models.embedder_for(_with_client_projector_name(job, ctx, settings))
     job.check_cancel()
     return embedder
+
+
+def _with_client_projector_name(job: Job, ctx: ServerContext, settings):
+    """An uploaded projector read under the client's file name (the metadata records it), never the upload's."""
+    import dataclasses
+    import os
+    import shutil
+
+    if settings.projection_file is None:
+        return settings
+    upload = ctx.uploads.find(Path(settings.projection_file))
+    if upload is None:
+        return settings
+    named = job.folder / "projector" / upload.name
+    named.parent.mkdir(exist_ok=True)
+    try:
+        os.link(upload.path, named)
+    except OSError:
+        shutil.copyfile(upload.path, named)
+    return dataclasses.replace(settings, projection_file=str(named))
 
 
 def _prepare_explain(ctx: ServerContext, request: dict):
@@ -297,7 +334,7 @@ def _prepare_explain(ctx: ServerContext, request: dict):
     probe = Probe.load(probe_path)
     if not probe.is_linear:
         raise InputError(f"probe {probe.label()} is an MLP; only linear probes (logistic, ridge) can be explained exactly")
-    volume = load_volume(ctx, request)
+    load = volume_loader(ctx, request)
     output = _field(request, "output", str, what)
     model = _field(request, "model", str, what)
     _check_model(ctx, model or probe.embedding.get("encoder"), what)
@@ -320,6 +357,8 @@ def _prepare_explain(ctx: ServerContext, request: dict):
         from ..probes.probe_settings import embed_settings_for
         from ..volumes.slicer_io import write_volume_file
 
+        job.set_stage("reading the volume")
+        volume = load()
         settings = embed_settings_for(probe, model=model, device=device, batch_size=batch_size,
                                       projection_file=projection_file)
         if not settings.model:
@@ -392,6 +431,27 @@ def _prepare_fit(ctx: ServerContext, request: dict):
     return run
 
 
+def _is_errors_csv(head: bytes) -> bool:
+    from ..cohort.errorlog import COLUMNS
+
+    return head.split(b"\n", 1)[0].strip() == ",".join(COLUMNS).encode()
+
+
+def _refuse_replacing_others(path: Path | None, what: str, is_ours: Callable[[bytes], bool]) -> None:
+    """A batch replaces its errors CSV and its Parquet file: an existing file there must be one of those, so a
+    client cannot make the server overwrite other files under its folders (labels, probes, scans)."""
+    if path is None or not path.exists():
+        return
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as exc:
+        raise InputError(f"{what}: {path.name}: cannot be read ({exc.strerror})") from None
+    if not path.is_file() or not is_ours(head):
+        raise Forbidden(f"{what}: {path.name} exists and is not one Raptor wrote; the server replaces only its own "
+                        "outputs there (choose a new file name)")
+
+
 def _fit_options(options, what: str):
     from ..probes.probe import FitOptions
 
@@ -460,6 +520,10 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     parquet = allowed_path(ctx, parquet, f"{what} parquet", must_exist=False) if parquet is not None else None
     errors_csv = request.get("errors_csv")
     errors_csv = allowed_path(ctx, errors_csv, f"{what} errors_csv", must_exist=False) if errors_csv is not None else None
+    from ..cohort.job import errors_path_for
+
+    _refuse_replacing_others(errors_csv or errors_path_for(csv), f"{what} errors_csv", _is_errors_csv)
+    _refuse_replacing_others(parquet, f"{what} parquet", lambda head: head.startswith(b"PAR1"))
     filters_data = request.get("filters") or {}
     if not isinstance(filters_data, dict):
         raise InputError(f"{what}: 'filters' must be a JSON object")
@@ -472,8 +536,9 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what}: filters: {exc}") from None
     shard = request.get("shard", [0, 1])
-    if not (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
-        raise InputError(f"{what}: 'shard' must be [index, count]")
+    if not (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            and 0 <= shard[0] < shard[1] <= 100_000):
+        raise InputError(f"{what}: 'shard' must be [index, count] with 0 <= index < count")
     salt = _field(request, "anonymize_salt", str, what)
     anonymizer = Anonymizer(salt) if salt else None
     readers = _field(request, "readers", int, what, 2)
@@ -482,7 +547,8 @@ def _prepare_batch(ctx: ServerContext, request: dict):
     job_spec = BatchJob(csv=str(csv), sources=batch_sources, settings=settings, filters=filters, shard=tuple(shard),
                         readers=readers, anonymizer=anonymizer,
                         keep_descriptions=bool(_field(request, "keep_descriptions", bool, what, False)),
-                        parquet=str(parquet) if parquet else None, errors_csv=str(errors_csv) if errors_csv else None)
+                        parquet=str(parquet) if parquet else None, errors_csv=str(errors_csv) if errors_csv else None,
+                        read_roots=list(ctx.allow_roots))
     return _batch_runner(ctx, job_spec)
 
 
@@ -536,4 +602,4 @@ def _batch_runner(ctx: ServerContext, spec):
 
 
 
-__all__ = ["ServerContext", "Forbidden", "prepare", "allowed_path", "input_path", "load_volume", "volume_info"]
+__all__ = ["ServerContext", "Forbidden", "prepare", "allowed_path", "input_path", "volume_loader", "volume_info"]

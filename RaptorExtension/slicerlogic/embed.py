@@ -44,7 +44,7 @@ from ..server.remote import (
     volume_info,
     volume_sender,
 )
-from .compute import Compute, shared_compute
+from .compute import Compute, ServerLogic
 from .embed_job import (
     CANCELLED,
     DONE,
@@ -61,7 +61,7 @@ from .scene_embeddings import SceneEmbeddings
 log = logging.getLogger(__name__)
 
 
-class EmbedLogic(SceneEmbeddings):
+class EmbedLogic(SceneEmbeddings, ServerLogic):
     """Embed volume nodes on the Raptor server and keep the results on the nodes.
 
     ``scene`` defaults to ``slicer.mrmlScene``; ``compute`` to the session's
@@ -77,22 +77,6 @@ class EmbedLogic(SceneEmbeddings):
         self._observer_tags: list[int] = []
 
     # -- scene and server ------------------------------------------------------
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
-
-    @property
-    def compute(self) -> Compute:
-        return self._compute if self._compute is not None else shared_compute()
-
-    @compute.setter
-    def compute(self, value: Compute) -> None:
-        self._compute = value
-
     def unloadModel(self) -> bool:
         """Free the server's loaded model (GPU memory) until the next job needs it."""
         if self.isRunning():
@@ -155,17 +139,12 @@ class EmbedLogic(SceneEmbeddings):
         job = job or self.job
         if job is None:
             raise RaptorError("no embedding is running")
-        while self.poll():
-            self._idle()
-            time.sleep(0.002)
+        self._pump()
         if job.status == DONE:
             return job.embedding
         if job.status == CANCELLED:
             raise Cancelled(f"{job.node_name}: {job.cancel_reason or 'cancelled'}; nothing was written")
         raise RaptorError(job.error or f"{job.node_name}: embedding failed")
-
-    def _idle(self) -> None:
-        """Called while :meth:`wait` blocks; Slicer's logic processes Qt events here."""
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
         """Cancel the running job (the server stops before its next batch of slices)."""

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.embedding import Embedding
-from ..errors import Cancelled, InputError, RaptorError
+from ..errors import InputError, RaptorError
 from ..probes.probe import Probe
-from .compute import Compute, shared_compute
+from .compute import Compute, ServerLogic
 from .node_attributes import node_label, read_embedding
 from .remote_job import RemoteJob
 
@@ -161,7 +161,7 @@ EmbedHook = Callable[[Any, Any], Embedding]
 """``hook(volumeNode, EmbedSettings) -> Embedding``: embeds a node that has no embedding yet."""
 
 
-class ProbeLogic:
+class ProbeLogic(ServerLogic):
     """Load probes, apply them to embedded volume nodes, explain them as MRML nodes."""
 
     def __init__(self, scene=None, *, compute: Compute | None = None, embedHook: EmbedHook | None = None) -> None:
@@ -172,24 +172,12 @@ class ProbeLogic:
         self.job: ExplainJob | None = None
         self.fitJob: FitJob | None = None
         self.lastExplanation = None
+        self.lastExplained: tuple[str, Probe] | None = None
+        """(node ID, probe) of :attr:`lastExplanation`."""
+        self.lastResults: dict[str, list[ProbeResult]] = {}
+        """The last :meth:`apply` results per volume node ID (what "Save to DICOM database" saves)."""
         self.scoresNodes: tuple = (None, None)
         """(table, bar chart) of the last :meth:`apply`."""
-
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
-
-    @property
-    def compute(self) -> Compute:
-        return self._compute if self._compute is not None else shared_compute()
-
-    @compute.setter
-    def compute(self, value: Compute) -> None:
-        self._compute = value
 
     # -- probes ------------------------------------------------------------
     def loadProbe(self, path: str | Path) -> Probe:
@@ -212,6 +200,7 @@ class ProbeLogic:
                 raise RaptorError(f"{node_label(volumeNode)}: has no Raptor embedding yet; embed it with RaptorEmbed first")
             from ..probes.probe_settings import embed_settings_for
 
+            _refuse_projector_file(probe)
             embedding = self.embedHook(volumeNode, embed_settings_for(probe))
         probe.check_embedding(dict(embedding.settings(), n_features=embedding.vector.size), node_label(volumeNode))
         return embedding
@@ -225,9 +214,33 @@ class ProbeLogic:
         for probe in probes:
             embedding = self.embeddingFor(volumeNode, probe)
             results.append(probeResult(probe, embedding.vector))
+        self.lastResults[volumeNode.GetID()] = results
         if updateNodes:
             self.showScores(volumeNode, results)
         return results
+
+    @staticmethod
+    def describeResults(results: Sequence[ProbeResult]) -> str:
+        """What the panel prints under the scores: per probe, its decision at its threshold with the rates it was
+        measured to have, whether its probabilities are calibrated, and its notes (e.g. an old file's 0.5)."""
+        blocks = []
+        for result in results:
+            lines = result.describe()
+            if result.probe.task == "regression":
+                lines = [f"{name}: {float(v):.4g}" for name, v in zip(result.names, result.scores)]
+            head = result.probe.name or "probe"
+            if result.calibrated:
+                head += " (calibrated probabilities)"
+            blocks.append("\n".join([head + ":", *(f"  {line}" for line in lines),
+                                      *(f"  note: {note}" for note in result.notes)]))
+        return "\n".join(blocks)
+
+    @staticmethod
+    def describeDecisions(probe: Probe) -> list[str]:
+        """How a probe decides (threshold and how it was chosen, weighting, calibration) and its notes."""
+        from ..probes.fit_outputs import decision_lines
+
+        return [*decision_lines(probe), *(f"Note: {note}" for note in probe.notes)]
 
     def showScores(self, volumeNode, results: Sequence[ProbeResult]):
         """A table node of the scores and a bar chart of it; returns (table, chart)."""
@@ -307,6 +320,7 @@ class ProbeLogic:
         _check_volume(volumeNode)
         if not probe.is_linear:
             raise RaptorError(f"probe {probe.label()} is an MLP; only linear probes can be explained exactly")
+        _refuse_projector_file(probe)
         volume = volume_from_node(volumeNode, id=node_label(volumeNode), source=node_label(volumeNode),
                                   modality=volumeNode.GetAttribute("DICOM.Modality"))
         from ..probes.explanation import BASELINES
@@ -322,16 +336,7 @@ class ProbeLogic:
                                           label=f"explanation of {node_label(volumeNode)}"),
                          baseline=baseline, progress_callback=progressCallback, completion_callback=completionCallback)
         self.job = job
-        if not waitForCompletion:
-            return job
-        while self.poll():
-            self._idle()
-            time.sleep(0.002)
-        if job.status == "failed":
-            raise RaptorError(job.error or "the explanation failed")
-        if job.status == "cancelled":
-            raise Cancelled()
-        return job
+        return self._wait_for(job, "the explanation") if waitForCompletion else job
 
     def _probe_input(self, probe: Probe, request: dict, uploads: list) -> None:
         """The probe file by path for a local server, else uploaded (an unsaved probe is saved first)."""
@@ -345,9 +350,6 @@ class ProbeLogic:
             request["probe"] = {"path": str(path.resolve())}
         else:
             uploads.append(("probe", file_sender(path, "probe")))
-
-    def _idle(self) -> None:
-        """Called while a blocking call waits; Slicer's logic processes Qt events here."""
 
     def poll(self) -> bool:
         """Main thread: advance the running explanation and fit by one step each; True while one runs."""
@@ -386,6 +388,7 @@ class ProbeLogic:
                     job.explanation = explanation
                     job.nodes = self.showExplanation(node, explanation)
                     self.lastExplanation = explanation
+                    self.lastExplained = (job.node_id, job.probe)
                     job.status = "done"
                 except RaptorError as exc:
                     job.error, job.status = str(exc), "failed"
@@ -446,15 +449,7 @@ class ProbeLogic:
                                       optional=["reliability"],
                                       label=f"fit of {output.name}"))
         self.fitJob = job
-        if waitForCompletion:
-            while self.poll():
-                self._idle()
-                time.sleep(0.002)
-            if job.status == "failed":
-                raise RaptorError(job.error or "the fit failed")
-            if job.status == "cancelled":
-                raise Cancelled()
-        return job
+        return self._wait_for(job, "the fit") if waitForCompletion else job
 
     def _conclude_fit(self, job: FitJob) -> None:
         from ..atomic import atomic_write
@@ -590,6 +585,29 @@ class ProbeLogic:
         chart.SetLegendVisibility(True)
         return tables, chart
 
+    # -- DICOM results -----------------------------------------------------------
+    def canSaveToDicom(self, volumeNode) -> bool:
+        """Whether there is something of this node's to save: applied scores or its last explanation."""
+        if volumeNode is None:
+            return False
+        explained = self.lastExplained is not None and self.lastExplained[0] == volumeNode.GetID()
+        return bool(self.lastResults.get(volumeNode.GetID())) or explained
+
+    def saveToDicom(self, volumeNode, outputDir: str | Path, filesForInstance=None) -> list[Path]:
+        """Write this node's last scores (one SR per probe, with the slice curves of the explained probe) and its
+        last heatmap (a Parametric Map) as DICOM into ``outputDir``; returns the files, ready to import into
+        Slicer's DICOM database.  A node not loaded from DICOM is refused with one sentence saying why."""
+        from .dicom_export import saveResultsToDicom
+
+        if volumeNode is None:
+            raise InputError("choose a volume")
+        results = self.lastResults.get(volumeNode.GetID(), [])
+        explained = self.lastExplained is not None and self.lastExplained[0] == volumeNode.GetID()
+        return saveResultsToDicom(volumeNode, outputDir, results=results,
+                                  explanation=self.lastExplanation if explained else None,
+                                  explanationProbe=self.lastExplained[1] if explained else None,
+                                  filesForInstance=filesForInstance)
+
     def slicePosition(self, seriesOrPlane, pointIndex: int, explanation=None) -> np.ndarray:
         """RAS of the slice behind a clicked curve point (series node, table node or plane name)."""
         explanation = explanation or self.lastExplanation
@@ -644,6 +662,18 @@ def probeResult(probe: Probe, vector: np.ndarray) -> ProbeResult:
         result.thresholds = dict(zip(probe.threshold_names, (float(t) for t in probe.thresholds)))
         result.operating_points = probe.operating_points()
     return result
+
+
+def _refuse_projector_file(probe: Probe) -> None:
+    """The panels cannot send a projector file yet: say so in Slicer's terms, and what does work."""
+    from ..encoding.projection import FILE_PROJECTION
+
+    if probe.embedding.get("projection") == FILE_PROJECTION:
+        raise RaptorError(
+            f"probe {probe.label()} was fitted on embeddings made with a projector file (raptor embed "
+            "--projection-file); the Slicer modules cannot embed with one yet: use `raptor explain PROBE VOLUME "
+            "--projection-file R.npy` on the command line"
+        )
 
 
 def _check_volume(node) -> None:

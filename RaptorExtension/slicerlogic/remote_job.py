@@ -159,6 +159,10 @@ class RemoteJob:
                 self._fail(self.snapshot.get("error") or f"{self.label}: the job failed on the server")
             return
         if self.phase == FETCHING:
+            if self.cancel_requested:  # cancelled while its results came: they are dropped, nothing is shown
+                self._forget(client)
+                self._end(CANCELLED)
+                return
             files = self.snapshot.get("result", {}).get("files", {})
             for name in self.fetch_names:
                 if name not in self.results:

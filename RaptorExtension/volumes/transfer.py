@@ -99,7 +99,11 @@ def self_contained_kind(head: bytes, what: str) -> str:
     any header that points at another file, is refused with one line.
     """
     if head.startswith(b"NRRD"):
-        header = head.split(b"\n\n", 1)[0] if b"\n\n" in head else head
+        if b"\n\n" not in head.replace(b"\r\n", b"\n"):
+            # A header that does not end within the peek could name another file further on.
+            raise InputError(f"{what}: its NRRD header does not end within its first {len(head) // 1024} KiB; "
+                             "send a .nrrd with a plain header and its data attached")
+        header = head.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
         for raw in header.split(b"\n")[1:]:
             key = raw.split(b":", 1)[0].strip().lower()
             if key in (b"data file", b"datafile"):
