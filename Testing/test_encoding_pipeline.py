@@ -1,4 +1,9 @@
-"""The streaming encoder equals a naive per-slice reference, and is deterministic."""
+"""The streaming encoder equals an independent float64 reference, and is deterministic.
+
+The reference (``reference_embedding.py``) is written from the README's
+"How a volume becomes an embedding" in numpy and scipy and shares no code with
+the product; only the vision transformer's forward pass is the same model.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import reference_embedding as ref
 import torch
 from conftest import synthetic_volume
 from helpers import oblique_matrix
@@ -16,24 +22,7 @@ from RaptorExtension.encoding.pipeline import Embedder, EmbedSettings
 from RaptorExtension.encoding.projection import gaussian_projection, projection_sha256
 from RaptorExtension.volumes.volume import Volume, VolumeRef
 
-
-def naive_embedding(embedder: Embedder, volume: Volume) -> np.ndarray:
-    """Reference: one slice at a time, mean and projection in float64 numpy."""
-    cube = embedder.prepare(volume).cube
-    enc = embedder.encoder
-    r = gaussian_projection(embedder.settings.k, enc.hidden_size, embedder.settings.seed).astype(np.float64)
-    p = enc.patch_grid
-    planes = []
-    for axis in range(3):
-        total = np.zeros((p * p, enc.hidden_size), dtype=np.float64)
-        n = cube.shape[axis]
-        for s in range(n):
-            image = cube.select(axis, s)[None]
-            _, patches = enc.tokens(image)
-            total += patches[0].double().cpu().numpy()
-        mean = total / n
-        planes.append((mean @ r.T).T.reshape(embedder.settings.k, p, p))
-    return np.stack(planes).ravel()
+RTOL = 1e-4  # README: "equals a naive per-slice float64 reference to 1e-4 relative"
 
 
 @pytest.fixture()
@@ -41,11 +30,71 @@ def volume():
     return Volume(array=synthetic_volume((18, 22, 26)), ijk_to_ras=oblique_matrix(), id="synthetic", source="synthetic")
 
 
-def test_streaming_equals_naive_reference(tiny_encoder, volume):
-    embedder = Embedder(EmbedSettings(model="tiny", k=8, grid=20, batch_size=7), encoder=tiny_encoder)
-    got = embedder.embed_volume(volume).vector.astype(np.float64)
-    want = naive_embedding(embedder, volume)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_model_dir):
+    """The tiny model folder loaded by the reference itself (transformers, float32, CPU)."""
+    return ref.ReferenceModel(tiny_model_dir)
+
+
+def lps_matrix(spacing, origin) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.diag([-spacing[0], -spacing[1], spacing[2]])
+    m[:3, 3] = origin
+    return m
+
+
+def hu_volume(shape, seed=0) -> np.ndarray:
+    """A synthetic volume in a CT's range: air, soft tissue and bone, so the ``ct`` window clips at both ends."""
+    return (synthetic_volume(shape, seed) * 6.0 - 400.0).astype(np.float32)
+
+
+# Each case exercises one branch of the README's recipe: (array, IJK-to-RAS, has geometry, grid, preset).
+CASES = {
+    # oblique CT, enlarged 20 -> 56 px, the HU window clipping both ends
+    "oblique-ct-grid20": (lambda: hu_volume((18, 22, 26)), oblique_matrix, True, 20, "ct"),
+    # LPS storage with thick slices: axial padding slices; a grid above the model's 56 px, so shrunk with antialiasing
+    "lps-slab-minmax-grid64": (lambda: synthetic_volume((12, 30, 26), seed=1), lambda: lps_matrix((0.8, 0.9, 2.5), (10, -20, 5)),
+                               True, 64, "minmax"),
+    # an array without geometry at a numeric grid keeps its own axes; MR percentiles
+    "array-mri-grid24": (lambda: synthetic_volume((14, 20, 17), seed=2), lambda: np.eye(4), False, 24, "mri"),
+    # the native grid of a non-cubic array: three slice shapes, each stretched to the square
+    "native-uint8": (lambda: np.clip(synthetic_volume((14, 20, 17), seed=3) + 60, 0, 255).round().astype(np.float32),
+                     lambda: np.eye(4), False, "native", "uint8"),
+}
+
+
+def split_blocks(vector: np.ndarray, planes: int, k: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(planes, K, p, p) patch block and the CLS block that follows it (README "File formats")."""
+    n = planes * k * p * p
+    return vector[:n].reshape(planes, k, p, p), vector[n:].reshape(planes, -1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_equals_independent_reference(tiny_encoder, tiny_reference, case):
+    """Preset, cube, resize, normalization, mean over slices, projection and CLS: all to 1e-4 relative.
+
+    The product streams slices across planes in batches of 7 and serves constant
+    slices from its cache; the reference encodes every slice of every plane.
+    """
+    make_array, make_matrix, geometry, grid, preset = CASES[case]
+    array, matrix = make_array(), make_matrix()
+    vol = Volume(array=array, ijk_to_ras=matrix, id="v", source="v", has_geometry=geometry)
+    settings = EmbedSettings(model="tiny", k=8, grid=grid, preset=preset, batch_size=7, keep_cls=True)
+    got = Embedder(settings, encoder=tiny_encoder).embed_volume(vol)
+    want = ref.reference_embedding(array, matrix, tiny_reference, k=8, grid=grid, preset=preset, keep_cls=True,
+                                   has_geometry=geometry)
+    p = tiny_reference.patch_grid
+    got_patches, got_cls = split_blocks(got.vector, 3, 8, p)
+    want_patches, want_cls = split_blocks(want["vector"], 3, 8, p)
+    assert got.metadata["planes"] == list(ref.PLANES)
+    for i, plane in enumerate(ref.PLANES):
+        assert ref.relative_error(got_patches[i], want_patches[i]) <= RTOL, plane
+        assert ref.relative_error(got_cls[i], want_cls[i]) <= RTOL, f"{plane} CLS"
+        for j in range(3):  # planes differ far beyond the tolerance, so a swapped or mirrored plane would fail
+            if j != i:
+                assert ref.relative_error(want_patches[j], want_patches[i]) > 100 * RTOL
+        mirrored = want_patches[i][:, ::-1, :]  # a slice read upside down
+        assert ref.relative_error(mirrored, want_patches[i]) > 100 * RTOL
 
 
 def test_batching_across_volumes_equals_one_at_a_time(tiny_encoder):
@@ -92,6 +141,7 @@ def test_projection_statistics_and_seed():
 
 
 def test_constant_slices_are_encoded_once_and_give_the_same_embedding(tiny_encoder):
+    """Bit for bit, on a synthetic slab (the real CT with real weights: ``test_encoding_golden.py``)."""
     array = synthetic_volume((10, 30, 30))  # thin slab: the cube has many all-padding slices
     vol = Volume(array=array, ijk_to_ras=np.diag([1.0, 1.0, 1.0, 1.0]), id="slab", source="slab")
     with_dedup = Embedder(EmbedSettings(model="tiny", k=8, grid=24), encoder=tiny_encoder)
@@ -100,29 +150,44 @@ def test_constant_slices_are_encoded_once_and_give_the_same_embedding(tiny_encod
     b = without.embed_volume(vol).vector
     assert with_dedup.triaxial.reused_slices > 0
     assert with_dedup.triaxial.encoded_slices < without.triaxial.encoded_slices
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    np.testing.assert_array_equal(a, b)
     assert np.array_equal(a, with_dedup.embed_volume(vol).vector)
 
 
-def test_keep_cls_appends_plane_cls_block(tiny_encoder, volume):
+def test_keep_cls_appends_plane_cls_block(tiny_encoder, tiny_reference, volume):
     plain = Embedder(EmbedSettings(model="tiny", k=8, grid=16), encoder=tiny_encoder).embed_volume(volume)
     with_cls = Embedder(EmbedSettings(model="tiny", k=8, grid=16, keep_cls=True), encoder=tiny_encoder).embed_volume(volume)
     d = tiny_encoder.hidden_size
     assert with_cls.vector.size == plain.vector.size + 3 * d
     np.testing.assert_array_equal(with_cls.patch_block.ravel(), plain.vector)
     assert with_cls.cls_block.shape == (3, d)
+    want = ref.reference_embedding(volume.array, volume.ijk_to_ras, tiny_reference, k=8, grid=16, preset="minmax")
+    for i, plane in enumerate(ref.PLANES):  # each plane's mean CLS token, unprojected, in the order of the planes
+        assert ref.relative_error(with_cls.cls_block[i], want["cls_means"][i]) <= RTOL, plane
 
 
-def test_register_tokens_are_dropped(volume):
-    enc = encoder_from_model(random_dinov2(image_size=56, registers=4), "reg", device="cpu", image_size=56)
+def test_register_tokens_are_dropped(tmp_path, volume):
+    model = random_dinov2(image_size=56, registers=4)
+    model.save_pretrained(tmp_path / "reg")
+    enc = encoder_from_model(model, "reg", device="cpu", image_size=56)
     assert enc.num_prefix_tokens == 5
     e = Embedder(EmbedSettings(model="reg", k=4, grid=12), encoder=enc).embed_volume(volume)
     assert e.patch_block.shape == (3, 4, 4, 4)
+    reference = ref.ReferenceModel(tmp_path / "reg", image_size=56)  # CLS, then 4 registers, then 16 patches
+    want = ref.reference_embedding(volume.array, volume.ijk_to_ras, reference, k=4, grid=12, preset="minmax")
+    assert ref.relative_error(e.vector, want["vector"]) <= RTOL
 
 
-def test_plane_subset(tiny_encoder, volume):
-    e = Embedder(EmbedSettings(model="tiny", k=4, grid=12, planes=("axial",)), encoder=tiny_encoder).embed_volume(volume)
-    assert e.patch_block.shape == (1, 4, 4, 4) and e.metadata["planes"] == ["axial"]
+def test_plane_subset(tiny_encoder, tiny_reference, volume):
+    """Planes come in the order asked for (and recorded); each block is that plane's, not another's."""
+    planes = ("sagittal", "axial")
+    e = Embedder(EmbedSettings(model="tiny", k=4, grid=12, planes=planes), encoder=tiny_encoder).embed_volume(volume)
+    assert e.patch_block.shape == (2, 4, 4, 4) and e.metadata["planes"] == list(planes)
+    want = ref.reference_embedding(volume.array, volume.ijk_to_ras, tiny_reference, k=4, grid=12, preset="minmax")
+    blocks = want["vector"].reshape(3, 4, 4, 4)
+    for got, plane in zip(e.patch_block, planes):
+        assert ref.relative_error(got, blocks[ref.PLANES.index(plane)]) <= RTOL, plane
+    assert ref.relative_error(e.patch_block[0], blocks[0]) > 100 * RTOL  # sagittal is not axial
 
 
 def test_out_of_memory_halves_the_batch_then_reports(tiny_encoder, volume, monkeypatch):
@@ -180,9 +245,16 @@ def test_dinov3_with_registers_loads_from_a_folder_and_drops_registers(tmp_path,
     DINOv3ViTModel(config).save_pretrained(tmp_path / "dinov3")
     enc = load_encoder(str(tmp_path / "dinov3"), device="cpu", image_size=64)
     assert (enc.model_type, enc.patch_size, enc.patch_grid, enc.num_prefix_tokens) == ("dinov3_vit", 16, 4, 5)
-    e = Embedder(EmbedSettings(model=enc.name, k=8, grid=12), encoder=enc).embed_volume(volume)
+    e = Embedder(EmbedSettings(model=enc.name, k=8, grid=12, keep_cls=True), encoder=enc).embed_volume(volume)
     assert e.patch_block.shape == (3, 8, 4, 4) and e.metadata["encoder_type"] == "dinov3_vit"
-    assert np.isfinite(e.vector).all()
+    # No preprocessor_config.json in the folder: ImageNet's mean and std, 64 px as asked.
+    reference = ref.ReferenceModel(tmp_path / "dinov3", image_size=64)
+    want = ref.reference_embedding(volume.array, volume.ijk_to_ras, reference, k=8, grid=12, preset="minmax",
+                                   keep_cls=True)
+    got_patches, got_cls = split_blocks(e.vector, 3, 8, 4)
+    want_patches, want_cls = split_blocks(want["vector"], 3, 8, 4)
+    assert ref.relative_error(got_patches, want_patches) <= RTOL
+    assert ref.relative_error(got_cls, want_cls) <= RTOL
 
 
 def test_random_stand_in_of_a_real_size_loads_like_a_downloaded_model(tmp_path):

@@ -1,5 +1,5 @@
-"""The test suite's own promises: CI cannot pass without the shared data, the markers select what they say, and
-test modules stay independent of each other.
+"""The test suite's own promises: CI cannot pass without the shared data, the markers select what they say,
+test modules stay independent of each other, and every test the README names exists.
 
 The first two run pytest itself in subprocesses on a few real tests of this
 suite, with ``RAPTOR_SHARED_DATA`` pointing at a folder that does not exist.
@@ -64,3 +64,28 @@ def test_no_test_module_imports_another():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert offenders == []
+
+
+def test_every_test_the_readme_names_exists():
+    """The README's "Correctness (tests)" backs each claim with ``file.py::test`` (``::test`` for the same file).
+
+    A renamed or deleted test must take its README line with it, or a claim loses its backing silently.
+    """
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("**Correctness (tests):**")
+    section = readme[start:readme.index("\n**", start + 1)]
+    named, missing, current = [], [], None
+    for match in re.finditer(r"`(test_\w+\.py)?(?:::(test_\w+))?`", section):
+        current = match.group(1) or current
+        assert current is not None, f"{match.group(0)} names no file"
+        path = ROOT / "Testing" / current
+        if not path.is_file():
+            missing.append(current)
+        elif match.group(2):
+            named.append(f"{current}::{match.group(2)}")
+            if not re.search(rf"^(async )?def {match.group(2)}\(", path.read_text(), re.M):
+                missing.append(named[-1])
+    assert len(named) >= 40, named  # the section still names its tests
+    assert missing == []
