@@ -251,6 +251,7 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.computeSection.refresh()  # the other Raptor module may have changed where jobs run
         self.updateEmbeddingsTable()
 
     def exit(self) -> None:

@@ -201,6 +201,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.computeSection.refresh()  # the other Raptor module may have changed where jobs run
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""

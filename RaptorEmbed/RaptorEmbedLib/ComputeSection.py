@@ -40,6 +40,32 @@ class ComputeSection:
         self.ui.testServerButton.connect("clicked(bool)", self.onTest)
         self.ui.unloadModelButton.connect("clicked(bool)", self.onUnload)
 
+    def refresh(self) -> None:
+        """Show the shared choice, which the other Raptor module may have changed (called from ``enter``).
+
+        Without this, a panel opened after the other module switched servers would
+        still show the old choice, and editing one of its fields would switch back.
+        """
+        compute = shared_compute()
+        remote = not compute.is_local
+        widgets = (self.ui.remoteComputeRadioButton, self.ui.localComputeRadioButton,
+                   self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit)
+        for widget in widgets:
+            widget.blockSignals(True)
+        try:
+            self.ui.remoteComputeRadioButton.checked = remote
+            self.ui.localComputeRadioButton.checked = not remote
+            if remote:
+                self.ui.serverUrlLineEdit.text = compute.url
+                self.ui.serverTokenLineEdit.text = compute.token or ""
+            self.ui.serverUrlLineEdit.enabled = remote
+            self.ui.serverTokenLineEdit.enabled = remote
+        finally:
+            for widget in widgets:
+                widget.blockSignals(False)
+        if self._testTimer is None:
+            self.showWhere()
+
     @property
     def isLocal(self) -> bool:
         return shared_compute().is_local
