@@ -393,25 +393,28 @@ class RaptorEmbedWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             settings = self.logic.settingsFromParameterNode(self._parameterNode)
             modalities = [m for m in self.ui.batchModalitiesLineEdit.text.replace(" ", "").split(",") if m]
-            with slicer.util.WaitCursor():
-                items = self.batchLogic.discoverSlicerDatabase(
-                    modalities, self.ui.batchMinSlicesSpinBox.value, self.ui.batchDescriptionLineEdit.text
-                )
-                self.batchLogic.start(
-                    items,
-                    csvPath,
-                    settings,
-                    anonymizeSalt=self.ui.batchSaltLineEdit.text or None,
-                    progressCallback=self.onBatchProgress,
-                    completionCallback=self.onBatchCompleted,
-                )
+            database = getattr(slicer, "dicomDatabase", None)
+            if database is None or not database.isOpen:
+                raise RaptorError(_("Slicer's DICOM database is not open: open the DICOM module once, then run the batch."))
+            # The server lists the database's series itself: nothing here walks a large database on the main thread.
+            self.batchLogic.startDatabase(
+                database.databaseFilename,
+                csvPath,
+                settings,
+                modalities=modalities,
+                minSlices=self.ui.batchMinSlicesSpinBox.value,
+                description=self.ui.batchDescriptionLineEdit.text or None,
+                anonymizeSalt=self.ui.batchSaltLineEdit.text or None,
+                progressCallback=self.onBatchProgress,
+                completionCallback=self.onBatchCompleted,
+            )
         except RaptorError as exc:
             slicer.util.errorDisplay(str(exc))
             return
         self.ui.batchProgressBar.setVisible(True)
         self.ui.batchProgressBar.setRange(0, 0)
         self.ui.batchRunButton.text = _("Cancel batch")
-        self.ui.batchStatusLabel.text = _("{count} series found; starting...").format(count=len(items))
+        self.ui.batchStatusLabel.text = _("Listing the DICOM database's series...")
         self._pollTimer.start()
         self._checkCanEmbed()
 

@@ -135,3 +135,38 @@ def test_anonymized_batch_and_refusals(database, tiny_model_dir, tmp_path, rapto
         assert table.columns["PatientID"][row] == f"anon-{digest('PatientID', item.patient_id).hex()[:16]}"
         assert table.columns["source"][row] == "" and table.columns["SeriesDescription"][row] == ""
     assert json.loads(outputs["anon.batch.json"])["anonymized"] is True
+
+
+def test_the_panel_sends_the_database_and_the_server_lists_its_series(database, tiny_model_dir, tmp_path, raptor_server):
+    """``startDatabase`` (the panel's path) sends the database file and the filters, not one entry per file: the
+    server's listing gives the rows of the caller's listing bit for bit and applies the filters; a filter that
+    keeps nothing ends the job saying so."""
+    from RaptorExtension.cohort.sources import SeriesFilter
+
+    settings = tiny_settings(tiny_model_dir)
+    logic = BatchLogic(EmbedLogic(compute=raptor_server.compute()))
+    found, _ = discover_database(database, SeriesFilter(modalities=("CT",), description="axial [02]"))
+    assert len(found.items) == 2
+    listed, _, _ = run_to_end(logic, found.items, tmp_path / "listed.csv", settings)
+    assert listed.status == DONE, listed.error
+
+    progress, finished = [], []
+    run = logic.startDatabase(database / "ctkDICOM.sql", tmp_path / "db.csv", settings, modalities=("CT",),
+                              description="axial [02]", progressCallback=progress.append,
+                              completionCallback=finished.append)
+    request = run.remote.request
+    assert request["sources"] == {"dicom_databases": [str((database / "ctkDICOM.sql").resolve())]}
+    assert request["filters"] == {"modalities": ["CT"], "min_slices": 0, "description": "axial [02]"}
+    assert len(str(request)) < 2000  # whatever the database holds
+    run = logic.wait(timeout=300)
+    assert finished == [run] and run.status == DONE and run.summary.done == 2, run.error
+    assert progress[-1].total == 2
+    by_caller, by_server = read_table(tmp_path / "listed.csv"), read_table(tmp_path / "db.csv")
+    assert sorted(by_server.ids) == sorted(by_caller.ids) == sorted(item.series_uid for item in found.items)
+    for row_id, features in zip(by_server.ids, by_server.features):
+        np.testing.assert_array_equal(features, by_caller.features[by_caller.ids.index(row_id)])
+
+    run = logic.startDatabase(database, tmp_path / "none.csv", settings, minSlices=10_000)  # the folder works too
+    run = logic.wait(timeout=300)
+    assert run.status == DONE and run.summary.total == 0 and run.summary.done == 0, run.error
+    assert run.summary.line() == "embedded 0, skipped 0 already done, failed 0 (3 left out by filters)"

@@ -2,13 +2,17 @@
 
 Qt-free, like :mod:`.embed`, so it is tested headless.  The split of work:
 
-* **Main thread** (``discoverSlicerDatabase``): list the series.  Inside
-  Slicer that walks ``slicer.dicomDatabase`` (a Qt object, main thread only)
-  through :func:`..cohort.dicomdb.discover_slicer_database`; tests and scripts
-  pass the series they found elsewhere (a ``ctkDICOM.sql`` file, a folder).
-* **The Raptor server** (``start``): the series' files and the CSV path go to
-  the server as a batch job, which runs :func:`..cohort.run.run_batch` with
-  its loaded model and loader processes.  The files must be readable there:
+* **The Raptor server** (``startDatabase``, what the panel uses): the path of
+  Slicer's database file (``ctkDICOM.sql``), the filters and the CSV path go
+  to the server as a batch job; the server lists the series itself (read-only,
+  the same walk as :func:`..cohort.dicomdb.discover_slicer_database`) and runs
+  :func:`..cohort.run.run_batch` with its loaded model and loader processes.
+  So the main thread never walks a large database, and the request stays a
+  few hundred bytes whatever the cohort's size.  ``start`` sends series the
+  caller listed instead (``discoverSlicerDatabase`` walks
+  ``slicer.dicomDatabase`` on the main thread; tests and scripts pass series
+  found elsewhere), one entry per series with its files, for a selection that
+  no filter expresses.  The files must be readable by the server:
   always true for the local server; for a remote one, the database must sit
   on storage the server sees at the same path.  Every finished series is a
   durable CSV row, so cancelling or closing Slicer loses at most the series
@@ -41,7 +45,7 @@ class BatchRun:
     """One batch started from the module: its state as seen by the main thread."""
 
     csv: Path
-    total_listed: int
+    total_listed: int  # series the caller listed; 0 when the server lists them (startDatabase)
     remote: RemoteJob | None = field(default=None, repr=False)
     status: str = RUNNING
     progress: BatchProgress | None = None
@@ -95,28 +99,64 @@ class BatchLogic:
         progressCallback: Callable | None = None,
         completionCallback: Callable | None = None,
     ) -> BatchRun:
-        """Start embedding ``items`` (series listed on the main thread) into ``csvPath`` on the server."""
+        """Start embedding ``items`` (series listed by the caller) into ``csvPath`` on the server."""
+        items = list(items)
+        self._refuseStart(anonymizeSalt)
+        if not items:
+            raise RaptorError("no series to embed: the DICOM database has none that pass the filters")
+        return self._submit({"items": [_item_json(item) for item in items]}, {}, len(items), csvPath, settings,
+                            anonymizeSalt, progressCallback, completionCallback)
+
+    def startDatabase(
+        self,
+        database: str | Path,
+        csvPath: str | Path,
+        settings: EmbedSettings,
+        *,
+        modalities: Sequence[str] = ("CT", "MR"),
+        minSlices: int = 0,
+        description: str | None = None,
+        anonymizeSalt: str | None = None,
+        progressCallback: Callable | None = None,
+        completionCallback: Callable | None = None,
+    ) -> BatchRun:
+        """Start embedding the series of a DICOM database (``ctkDICOM.sql`` or its folder) that pass the filters.
+
+        The server lists the series (Slicer's own ``slicer.dicomDatabase.databaseFilename``
+        is the usual ``database``); when no series passes the filters the job
+        ends with nothing embedded and its summary says how many were left out.
+        """
+        self._refuseStart(anonymizeSalt)
+        filters = {"modalities": [str(m) for m in modalities if str(m).strip()], "min_slices": int(minSlices),
+                   "description": description or None}
+        path = Path(database).expanduser().resolve()
+        return self._submit({"dicom_databases": [str(path)]}, filters, 0, csvPath, settings, anonymizeSalt,
+                            progressCallback, completionCallback)
+
+    def _refuseStart(self, anonymizeSalt: str | None) -> None:
         if self.isRunning():
             raise RaptorError("a batch is already running; cancel it or wait for it to finish")
         if self.embedLogic is not None and self.embedLogic.isRunning():
             raise RaptorError("an embedding is running in this module; wait for it before starting a batch")
-        items = list(items)
-        if not items:
-            raise RaptorError("no series to embed: the DICOM database has none that pass the filters")
         if anonymizeSalt:
             from ..cohort.anonymize import Anonymizer
 
             Anonymizer(anonymizeSalt)  # refuse a short salt here, before anything is sent
+
+    def _submit(self, sources: dict, filters: dict, listed: int, csvPath, settings, anonymizeSalt, progressCallback,
+                completionCallback) -> BatchRun:
         csv = Path(csvPath).expanduser().resolve()
         request = {
             "kind": "batch",
             "settings": server_settings(settings),
-            "sources": {"items": [_item_json(item) for item in items]},
+            "sources": sources,
             "csv": str(csv),
             "anonymize_salt": anonymizeSalt or None,
             "readers": 2,
         }
-        run = BatchRun(csv=csv, total_listed=len(items),
+        if filters:
+            request["filters"] = filters
+        run = BatchRun(csv=csv, total_listed=listed,
                        remote=RemoteJob(self.compute, request, label=f"batch into {csv.name}"))
         self._run = run
         self._progressCallback = progressCallback
