@@ -192,7 +192,7 @@ class RaptorProbeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         if self.logic is not None:
-            self.logic.cancel()
+            self.logic.cleanup()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self._disconnectPlotView()

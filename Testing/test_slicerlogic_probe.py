@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import blob_volume, oblique_matrix, random_probe
@@ -206,6 +208,9 @@ def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, raptor_server,
     logic = ProbeLogic(scene, compute=raptor_server.compute())
     job = logic.explain(node, probe, "b")
     ex = job.explanation
+    # The unsaved probe went to the server as a file in the logic's scratch folder, which cleanup removes.
+    scratch = Path(logic._scratch.name)
+    assert Path(probe.path).is_file() and scratch in Path(probe.path).parents
     heat = job.nodes["heatmap"]
     assert heat.GetName() == "scan b heatmap" and heat.GetAttribute(HEATMAP_ATTRIBUTE) == node.GetID()
     m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
@@ -260,6 +265,8 @@ def test_explain_makes_an_aligned_heatmap_curves_and_jumps(scene, raptor_server,
     assert abs(against_mean.residual) < 1e-4
     with pytest.raises(RaptorError, match="unknown explanation baseline"):
         logic.explain(node, probe, "b", baseline="zero")
+    logic.cleanup()
+    assert not scratch.exists()
 
 
 def test_explanation_nodes_survive_saving_the_scene(scene, raptor_server, settings, tiny_encoder, tmp_path):

@@ -177,6 +177,8 @@ class ProbeLogic(ServerLogic):
         self.lastResults: dict[str, list[ProbeResult]] = {}
         """The last :meth:`apply` results per volume node ID (what "Save to DICOM database" saves)."""
         self.scoresNodes: tuple = (None, None)
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        """Where unsaved probes are written for the server; removed with the logic or when Python exits."""
         """(table, bar chart) of the last :meth:`apply`."""
 
     # -- probes ------------------------------------------------------------
@@ -344,8 +346,9 @@ class ProbeLogic(ServerLogic):
 
         path = Path(probe.path) if probe.path else None
         if path is None or not path.is_file():
-            folder = Path(tempfile.mkdtemp(prefix="raptor-probe-"))
-            path = probe.save(folder / "probe.raptorprobe")
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="raptor-probes-")
+            path = probe.save(Path(tempfile.mkdtemp(dir=self._scratch.name)) / "probe.raptorprobe")
         if self.compute.is_local:
             request["probe"] = {"path": str(path.resolve())}
         else:
@@ -403,6 +406,13 @@ class ProbeLogic(ServerLogic):
         for job in (self.job, self.fitJob):
             if job is not None and not job.finished:
                 job.cancel()
+
+    def cleanup(self) -> None:
+        """The module closes: cancel its jobs and remove the unsaved probes written for the server."""
+        self.cancel()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     # -- fitting -----------------------------------------------------------------
     def fit(self, embeddings: str | Path, labels: str | Path, output: str | Path, *, model: str = "auto",
