@@ -68,6 +68,7 @@ class RemoteJob:
 
     poll_interval = 0.2
     step_seconds = 0.03
+    min_piece, max_piece = 256 << 10, 32 << 20  # bytes sent or received in one step
 
     def __init__(self, compute, request: dict, *, uploads: Sequence[tuple[str, PieceSender]] = (),
                  fetch: Sequence[str] = (), optional: Sequence[str] = (), label: str = "job") -> None:
@@ -90,6 +91,7 @@ class RemoteJob:
         self._checked = False
         self._last_poll = 0.0
         self._budget = 4 << 20
+        self._receiving: dict[str, tuple[bytearray, int]] = {}  # result files arriving piece by piece
 
     @property
     def finished(self) -> bool:
@@ -170,11 +172,34 @@ class RemoteJob:
                         if name in self.optional_names:
                             continue
                         raise RaptorError(f"{self.label}: the server sent no {name}")
-                    self._report(JobProgress("receiving the result", len(self.results), len(self.fetch_names), "files"))
-                    self.results[name] = client.fetch(self.job_id, files[name])
+                    self._fetch_piece(client, name, files[name])
                     return
             self._forget(client)
             self._end(DONE)
+
+    def _next_budget(self, spent: float) -> int:
+        """Aim each step at ``step_seconds``: bigger pieces on a fast link, smaller on a slow one."""
+        return int(min(self.max_piece, max(self.min_piece, self._budget * self.step_seconds / spent)))
+
+    def _fetch_piece(self, client, name: str, file_name: str) -> None:
+        """One piece of a result file per step, sized like the upload's pieces, so no step waits for a whole file."""
+        buffer, total = self._receiving.get(name, (bytearray(), None))
+        began = time.perf_counter()
+        piece, total = client.fetch_piece(self.job_id, file_name, len(buffer), self._budget)
+        spent = time.perf_counter() - began
+        buffer += piece
+        if len(buffer) >= total:
+            self._receiving.pop(name, None)
+            self.results[name] = bytes(buffer)
+        elif not piece:
+            raise RaptorError(f"{self.label}: the server's {name} ended after {len(buffer)} of {total} bytes")
+        else:
+            self._receiving[name] = (buffer, total)
+        if spent > 0:
+            self._budget = self._next_budget(spent)
+        mb = 1 << 20
+        self._report(JobProgress("receiving the result", len(buffer) // mb, max(1, total // mb), "MB",
+                                 time.perf_counter() - self.started))
 
     def _upload_one(self, client) -> None:
         index = next((i for i, (_key, sender) in enumerate(self.uploads) if not sender.done), None)
@@ -187,7 +212,7 @@ class RemoteJob:
             _set(self.request, key, {"upload": sender.upload_id})
         spent = time.perf_counter() - began
         if spent > 0:  # aim each step at step_seconds: bigger pieces on a fast link, smaller on a slow one
-            self._budget = int(min(32 << 20, max(256 << 10, self._budget * self.step_seconds / spent)))
+            self._budget = self._next_budget(spent)
         total = sum(s.size for _k, s in self.uploads)
         sent = sum(s.sent for _k, s in self.uploads)
         mb = 1 << 20
