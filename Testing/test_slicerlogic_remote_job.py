@@ -17,9 +17,9 @@ from RaptorExtension.slicerlogic.remote_job import FETCHING, RemoteJob  # noqa: 
 from RaptorExtension.volumes.volume import Volume  # noqa: E402
 
 
-def test_a_cancel_while_the_results_arrive_drops_them(raptor_server, tiny_model_dir):
-    """A Cancel (or a scene close) once the job is done on the server but before its files came: nothing is shown."""
-    volume = Volume(array=synthetic_volume(seed=3), ijk_to_ras=np.eye(4), id="v", source="v")
+def embed_job_at_fetching(raptor_server, tiny_model_dir, seed: int) -> RemoteJob:
+    """An embed job stepped until the server has finished it and its results are about to be fetched."""
+    volume = Volume(array=synthetic_volume(seed=seed), ijk_to_ras=np.eye(4), id="v", source="v")
     request = {"kind": "embed", "settings": server_settings(EmbedSettings(model=str(tiny_model_dir), k=4, grid=8,
                                                                           device="cpu")),
                "volume_info": volume_info(volume)}
@@ -29,7 +29,13 @@ def test_a_cancel_while_the_results_arrive_drops_them(raptor_server, tiny_model_
         if job.phase == FETCHING or job.finished:
             break
         time.sleep(0.01)
-    assert job.phase == FETCHING and not job.finished and not job.results
+    assert job.phase == FETCHING and not job.finished and not job.results, job.error
+    return job
+
+
+def test_a_cancel_while_the_results_arrive_drops_them(raptor_server, tiny_model_dir):
+    """A Cancel (or a scene close) once the job is done on the server but before its files came: nothing is shown."""
+    job = embed_job_at_fetching(raptor_server, tiny_model_dir, seed=3)
     job.cancel()
     job.step()
     assert job.state == "cancelled" and job.results == {}
@@ -39,17 +45,7 @@ def test_a_cancel_while_the_results_arrive_drops_them(raptor_server, tiny_model_
 def test_results_arrive_in_pieces_one_per_step(raptor_server, tiny_model_dir):
     """A result is fetched with HTTP Range requests, one piece per timer step (an explanation of a CT is hundreds
     of MB, which one request would make the interface wait for); the pieces add up to the file, byte for byte."""
-    volume = Volume(array=synthetic_volume(seed=4), ijk_to_ras=np.eye(4), id="v", source="v")
-    request = {"kind": "embed", "settings": server_settings(EmbedSettings(model=str(tiny_model_dir), k=4, grid=8,
-                                                                          device="cpu")),
-               "volume_info": volume_info(volume)}
-    job = RemoteJob(raptor_server.compute(), request, uploads=[("volume", volume_sender(volume))], fetch=["embedding"])
-    for _ in range(100_000):
-        job.step()
-        if job.phase == FETCHING or job.finished:
-            break
-        time.sleep(0.01)
-    assert job.phase == FETCHING and not job.results, job.error
+    job = embed_job_at_fetching(raptor_server, tiny_model_dir, seed=4)
     client = raptor_server.compute().client()
     name = job.snapshot["result"]["files"]["embedding"]
     whole = client.fetch(job.job_id, name)
