@@ -252,3 +252,41 @@ def test_a_url_with_credentials_in_it_is_refused_and_the_access_hides_its_secret
     access = DicomWebAccess("https://pacs/dicom-web/", "rsmith", "s3cret-value")
     assert access.url == "https://pacs/dicom-web" and "s3cret-value" not in repr(access) + access.describe()
     assert "tok-123" not in repr(DicomWebAccess("https://pacs/dicom-web", token="tok-123"))
+
+
+def test_a_server_that_drops_connections_is_named_after_one_attempt():
+    """A DICOMweb address where something accepts and hangs up at once (a PACS going down, a wrong service):
+    listing is refused after one connection, not after the client's five attempts over half a minute."""
+    import socket
+    import threading
+
+    from RaptorExtension.cohort.dicomweb import discover_dicomweb
+    from RaptorExtension.errors import RaptorError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def hang_up():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(connection)
+            connection.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+    try:
+        with pytest.raises(RaptorError) as error:
+            discover_dicomweb(DicomWebAccess(url))
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert str(error.value) == f"{url}: cannot list series: cannot reach the server (connection refused or no route)"
+    assert len(accepted) == 1

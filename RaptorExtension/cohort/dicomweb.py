@@ -88,10 +88,15 @@ class DicomWebAccess:
         how = f" as {self.user}" if self.user else (" with a bearer token" if self.token else "")
         return f"{self.url}{how}"
 
-    def client(self):
-        """A ``DICOMwebClient`` for this server (one per process and credentials)."""
+    def client(self, retry: bool = True):
+        """A ``DICOMwebClient`` for this server (one per process, credentials and retry policy).
+
+        With ``retry`` (the default) a failed request is tried five times over
+        about half a minute, as ``dicomweb-client`` does, so a PACS that hiccups
+        mid-batch costs nothing; without, one attempt.
+        """
         require_client()
-        key = (os.getpid(), self.url, self.user, self.password, self.token)
+        key = (os.getpid(), self.url, self.user, self.password, self.token, retry)
         client = _clients.get(key)
         if client is None:
             from dicomweb_client.api import DICOMwebClient
@@ -100,6 +105,8 @@ class DicomWebAccess:
             session = create_session_from_user_pass(self.user, self.password) if self.user else create_session()
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             client = DICOMwebClient(self.url, session=session, headers=headers, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            if not retry:
+                client.set_http_retry_params(retry=False)
             _clients[key] = client
         return client
 
@@ -162,6 +169,7 @@ def discover_dicomweb(access: DicomWebAccess, filters: SeriesFilter | None = Non
     :class:`RaptorError` naming it.
     """
     filters = filters or SeriesFilter()
+    _check_reachable(access)
     client = access.client()
     try:
         entries = _series_entries(client, filters, cancel)
@@ -181,6 +189,24 @@ def discover_dicomweb(access: DicomWebAccess, filters: SeriesFilter | None = Non
         else:
             found.items.append(item)
     return found, excluded
+
+
+def _check_reachable(access: DicomWebAccess) -> None:
+    """One request, not retried: a wrong address or a PACS that is down is named at once.
+
+    Otherwise the client's retries would keep the user waiting half a minute for
+    that one line.  Only a failure to connect ends the listing here; an HTTP
+    error (401, 503...) is left to the listing itself, which retries what is
+    worth retrying and reports the rest.
+    """
+    import requests
+
+    try:
+        access.client(retry=False).search_for_studies(limit=1, fields=["StudyInstanceUID"])
+    except requests.exceptions.ConnectionError as exc:
+        raise RaptorError(f"{access.url}: cannot list series: {http_reason(exc)}") from None
+    except Exception:  # noqa: BLE001 - reported by the listing, with its retries
+        return
 
 
 def _series_entries(client, filters: SeriesFilter, cancel) -> list[tuple[dict, dict]]:
