@@ -185,16 +185,40 @@ def _check_csv_before_loading(csv_path: str | None, settings) -> set[str] | None
     return set(index.ids)
 
 
-def _check_table_settings(table, embedder) -> None:
-    """With the model loaded, and before any volume is embedded: the weights and the projection too."""
+def _settings_differences(existing: dict, embedder) -> list[str]:
+    """How ``existing`` settings differ from what this run's loaded model makes (a preset left to ``auto`` aside)."""
     from ..embeddings.settings import describe_differences, settings_of
-    from ..errors import MetadataMismatch
 
     preset = _fixed_preset(embedder.settings)
     expected = settings_of(embedder.settings_metadata(preset=preset))
-    diffs = [d for d in describe_differences(table.settings, expected) if preset or not d.startswith("preset")]
+    return [d for d in describe_differences(existing, expected) if preset or not d.startswith("preset")]
+
+
+def _check_table_settings(table, embedder) -> None:
+    """With the model loaded, and before any volume is embedded: the weights and the projection too."""
+    from ..errors import MetadataMismatch
+
+    diffs = _settings_differences(table.settings, embedder)
     if diffs:
         raise MetadataMismatch(f"{table.path} (existing rows) vs this run: embedding settings differ: " + "; ".join(diffs))
+
+
+def _existing_npz(out_dir: Path, ref):
+    """This volume's path in ``--out-dir`` and the embedding already there, or None (none, or unreadable: redone)."""
+    from ..embeddings.embedding import Embedding
+
+    path = out_dir / f"{ref.id}.npz"
+    if not path.exists():
+        return path, None
+    try:
+        return path, Embedding.load(path)
+    except RaptorError:
+        return path, None
+
+
+def _refuse_other_settings(path: Path, diffs: list[str]) -> None:
+    if diffs:
+        raise RaptorError(f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir")
 
 
 def _done_before_loading(ref, out_dir: Path | None, csv_ids: set[str] | None, settings) -> bool:
@@ -203,26 +227,16 @@ def _done_before_loading(ref, out_dir: Path | None, csv_ids: set[str] | None, se
     Conservative: when in doubt (another model name, an unreadable file) it says no,
     and :func:`_already_done` decides with the model loaded.
     """
-    from ..embeddings.embedding import Embedding
     from ..embeddings.settings import describe_differences
     from ..encoding.pipeline import settings_known_before_loading
     from ..names import recorded_model_name
 
     if out_dir is not None:
-        path = out_dir / f"{ref.id}.npz"
-        if not path.exists():
+        path, existing = _existing_npz(out_dir, ref)
+        if existing is None:
             return False
-        try:
-            existing = Embedding.load(path)
-        except RaptorError:
-            return False
-        preset = _fixed_preset(settings)
-        this_run = dict(existing.settings(), **settings_known_before_loading(settings, preset or None))
-        diffs = describe_differences(existing.settings(), this_run)
-        if diffs:
-            raise RaptorError(
-                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
-            )
+        this_run = dict(existing.settings(), **settings_known_before_loading(settings, _fixed_preset(settings) or None))
+        _refuse_other_settings(path, describe_differences(existing.settings(), this_run))
         if existing.metadata.get("encoder") != recorded_model_name(settings.model):
             return False
     return csv_ids is None or ref.id in csv_ids
@@ -238,29 +252,11 @@ def _done_before(error: str, done: int, out_dir: Path | None, csv: str | None) -
 
 def _already_done(ref, out_dir: Path | None, table, embedder) -> bool:
     """True when every requested output of this volume exists with this run's settings."""
-    from ..embeddings.embedding import Embedding
-    from ..embeddings.settings import describe_differences, settings_of
-    from ..volumes.intensity import resolve_preset
-
-    s = embedder.settings
-    # With --preset auto the preset depends on each volume's modality; otherwise it is fixed and must match.
-    preset = "" if s.preset == "auto" else resolve_preset(s.preset, None, s.ct_window).describe()
-    expected = settings_of(embedder.settings_metadata(preset=preset))
     if out_dir is not None:
-        path = out_dir / f"{ref.id}.npz"
-        if not path.exists():
+        path, existing = _existing_npz(out_dir, ref)
+        if existing is None:
             return False
-        try:
-            existing = Embedding.load(path)
-        except RaptorError:
-            return False
-        diffs = [
-            d for d in describe_differences(existing.settings(), expected) if preset or not d.startswith("preset")
-        ]
-        if diffs:
-            raise RaptorError(
-                f"{path}: exists with other settings (existing vs this run: {'; '.join(diffs)}); use another --out-dir"
-            )
+        _refuse_other_settings(path, _settings_differences(existing.settings(), embedder))
     return table is None or ref.id in table.ids
 
 
