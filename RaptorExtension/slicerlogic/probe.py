@@ -374,33 +374,42 @@ class ProbeLogic(ServerLogic):
             running = running or not fit.finished
         return running
 
-    def _conclude_explain(self, job: ExplainJob) -> None:
-        from ..probes.explanation import load_explanation
-
+    @staticmethod
+    def _conclude(job, deliver) -> None:
+        """A finished remote job: ``deliver(remote)`` its results when the server is done (a
+        :class:`RaptorError` from it fails the job), else cancelled or failed; then the callback."""
         remote = job.remote
         if remote.state == "done":
-            node = self.scene.GetNodeByID(job.node_id)
-            if node is None:
-                job.status = "cancelled"
-            else:
-                try:
-                    with tempfile.TemporaryDirectory() as folder:
-                        target = Path(folder) / "explanation.npz"
-                        target.write_bytes(remote.results["explanation"])
-                        explanation = load_explanation(target)
-                    job.explanation = explanation
-                    job.nodes = self.showExplanation(node, explanation)
-                    self.lastExplanation = explanation
-                    self.lastExplained = (job.node_id, job.probe)
-                    job.status = "done"
-                except RaptorError as exc:
-                    job.error, job.status = str(exc), "failed"
+            try:
+                deliver(remote)
+            except RaptorError as exc:
+                job.error, job.status = str(exc), "failed"
         elif remote.state == "cancelled":
             job.status = "cancelled"
         else:
             job.error, job.status = remote.error, "failed"
         if job.completion_callback is not None:
             job.completion_callback(job)
+
+    def _conclude_explain(self, job: ExplainJob) -> None:
+        from ..probes.explanation import load_explanation
+
+        def deliver(remote) -> None:
+            node = self.scene.GetNodeByID(job.node_id)
+            if node is None:  # deleted while the server worked
+                job.status = "cancelled"
+                return
+            with tempfile.TemporaryDirectory() as folder:
+                target = Path(folder) / "explanation.npz"
+                target.write_bytes(remote.results["explanation"])
+                explanation = load_explanation(target)
+            job.explanation = explanation
+            job.nodes = self.showExplanation(node, explanation)
+            self.lastExplanation = explanation
+            self.lastExplained = (job.node_id, job.probe)
+            job.status = "done"
+
+        self._conclude(job, deliver)
 
     def cancel(self) -> None:
         for job in (self.job, self.fitJob):
@@ -465,8 +474,7 @@ class ProbeLogic(ServerLogic):
         from ..atomic import atomic_write
         from ..probes.fit_outputs import output_stem
 
-        remote = job.remote
-        if remote.state == "done":
+        def deliver(remote) -> None:
             files = remote.snapshot["result"]["files"]
             stem = output_stem(job.output)
             plot_suffix = "_roc.png" if files["plot"].endswith("_roc.png") else "_pred.png"
@@ -479,19 +487,13 @@ class ProbeLogic(ServerLogic):
                         handle.write(remote.results[name])
                     job.files.append(target)
                 job.probe = Probe.load(job.output)
-                result = remote.snapshot["result"]
-                job.report = "\n".join([result.get("table", ""), *(f"Warning: {w}" for w in result.get("warnings", []))])
-                job.status = "done"
             except OSError as exc:
-                job.error, job.status = f"{job.output}: cannot write ({exc.strerror or exc})", "failed"
-            except RaptorError as exc:
-                job.error, job.status = str(exc), "failed"
-        elif remote.state == "cancelled":
-            job.status = "cancelled"
-        else:
-            job.error, job.status = remote.error, "failed"
-        if job.completion_callback is not None:
-            job.completion_callback(job)
+                raise RaptorError(f"{job.output}: cannot write ({exc.strerror or exc})") from None
+            result = remote.snapshot["result"]
+            job.report = "\n".join([result.get("table", ""), *(f"Warning: {w}" for w in result.get("warnings", []))])
+            job.status = "done"
+
+        self._conclude(job, deliver)
 
     # -- nodes ----------------------------------------------------------------
     def showExplanation(self, volumeNode, explanation) -> dict:
