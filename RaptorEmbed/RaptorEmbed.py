@@ -753,11 +753,10 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
 
     def test_RaptorEmbedThroughTheLocalServer(self):
         """Embed with a tiny random model on the local Raptor server; cancel a second run."""
-        import subprocess
         import time
 
         from RaptorExtension.encoding.settings import EmbedSettings
-        from RaptorExtension.server.launcher import python_for_server
+        from RaptorExtension.server.launcher import self_test_model
         from RaptorExtension.slicerlogic.node_attributes import has_embedding
 
         if not dependencies.dependencies_ready():
@@ -765,11 +764,7 @@ class RaptorEmbedTest(ScriptedLoadableModuleTest):
                               "was left out (everything else passed)")
             return
         self.delayDisplay("Embedding on the local Raptor server")
-        folder = os.path.join(slicer.app.temporaryPath, "RaptorSelfTestModel")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            # Made by Slicer's Python in another process: this one never imports PyTorch.
-            subprocess.run([python_for_server(), "-c", "import sys; from RaptorExtension.encoding.model import "
-                            "save_random_dinov2; save_random_dinov2(sys.argv[1], 'tiny')", folder], check=True)
+        folder = self_test_model(os.path.join(slicer.app.temporaryPath, "RaptorSelfTestModel"))
         settings = EmbedSettings(model=folder, k=8, seed=0, grid=32, device="cpu", batch_size=8)
         logic = RaptorEmbedLogic()
         volumeNode = self._syntheticVolume("RaptorSelfTest")

@@ -636,23 +636,18 @@ class RaptorProbeTest(ScriptedLoadableModuleTest):
 
     def test_RaptorProbeExplainOnTheLocalServer(self):
         """Embed with a tiny random model on the local server, then explain a probe fitted to its settings."""
-        import subprocess
-
         import numpy as np
 
         from RaptorExtension.encoding.settings import EmbedSettings
         from RaptorExtension.probes.probe import Probe, embedding_description
-        from RaptorExtension.server.launcher import python_for_server
+        from RaptorExtension.server.launcher import self_test_model
 
         if not dependencies.dependencies_ready():
             self.delayDisplay("PyTorch and the server's packages are not installed: the explanation part of the "
                               "self-test was left out (everything else passed)")
             return
         self.delayDisplay("Explaining on the local Raptor server")
-        folder = os.path.join(slicer.app.temporaryPath, "RaptorSelfTestModel")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            subprocess.run([python_for_server(), "-c", "import sys; from RaptorExtension.encoding.model import "
-                            "save_random_dinov2; save_random_dinov2(sys.argv[1], 'tiny')", folder], check=True)
+        folder = self_test_model(os.path.join(slicer.app.temporaryPath, "RaptorSelfTestModel"))
         import RaptorEmbed
 
         volumeNode, _path = self._volumeWithStoredEmbedding()

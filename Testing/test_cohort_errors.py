@@ -65,14 +65,20 @@ def test_bad_series_go_to_the_errors_csv_and_the_rest_finish(tiny_model_dir, tmp
 PATIENT = "RPT-PAT-0042"
 
 
-@pytest.mark.needs_shared_data
-def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    root = tmp_path / "data" / PATIENT
+def identifying_cohort(root):
+    """One patient's series, all named after them: a CT, a late phase of the same study, a series with a
+    corrupt slice and a NRRD file; returns the three DICOM series."""
     ct = write_axial(small_ct(0), root / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT}")
-    other = write_axial(small_ct(1), root / "late", patient_id=PATIENT, study_uid=ct.study_uid, description="late phase")
+    late = write_axial(small_ct(1), root / "late", patient_id=PATIENT, study_uid=ct.study_uid, description="late phase")
     broken = write_axial(small_ct(2), root / "broken", patient_id=PATIENT)
     _corrupt(broken.files[3])
     write_nrrd(root / f"{PATIENT}_scan.nrrd", (np.arange(8 * 9 * 10) % 17).astype(np.int16).reshape(8, 9, 10))
+    return ct, late, broken
+
+
+@pytest.mark.needs_shared_data
+def test_anonymize_leaves_no_patient_id_anywhere(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    ct, other, broken = identifying_cohort(tmp_path / "data" / PATIENT)
     out = tmp_path / "out" / "anon.csv"
     salt = "a secret salt of the hospital"
     args = ["batch", "--folder", str(tmp_path / "data"), "--csv", str(out), "--anonymize", "--readers", "0",
@@ -160,12 +166,7 @@ def test_anonymize_with_the_default_loader_processes_and_parquet_leaves_no_patie
 
     import pyarrow.parquet as pq
 
-    root = tmp_path / "data" / PATIENT
-    ct = write_axial(small_ct(0), root / "ct", patient_id=PATIENT, description=f"abdomen {PATIENT}")
-    late = write_axial(small_ct(1), root / "late", patient_id=PATIENT, study_uid=ct.study_uid, description="late phase")
-    broken = write_axial(small_ct(2), root / "broken", patient_id=PATIENT)
-    _corrupt(broken.files[3])
-    write_nrrd(root / f"{PATIENT}_scan.nrrd", (np.arange(8 * 9 * 10) % 17).astype(np.int16).reshape(8, 9, 10))
+    ct, late, broken = identifying_cohort(tmp_path / "data" / PATIENT)
     out = tmp_path / "out"
     salt = "the hospital's own secret salt"
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # where loader processes hand volumes over

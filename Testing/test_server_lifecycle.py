@@ -146,3 +146,15 @@ def test_tls_with_a_certificate_the_client_trusts(tmp_path):
     finally:
         process.stdin.close()
         process.wait(20)
+
+
+def test_the_self_test_model_is_made_by_another_process_once(tmp_path):
+    """The modules' self-tests get their tiny model from the server's Python (Slicer never imports PyTorch)."""
+    from RaptorExtension.server.launcher import self_test_model
+
+    folder = tmp_path / "RaptorSelfTestModel"
+    assert self_test_model(folder) == str(folder)
+    config = folder / "config.json"
+    made = config.stat().st_mtime_ns
+    assert any(folder.glob("*.safetensors"))
+    assert self_test_model(folder) == str(folder) and config.stat().st_mtime_ns == made  # reused, not rewritten

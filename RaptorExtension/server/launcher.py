@@ -41,6 +41,19 @@ def python_for_server() -> str:
     return sys.executable
 
 
+def self_test_model(folder: str | Path) -> str:
+    """A tiny random-init DINOv2 folder for the modules' self-tests, made once by the server's Python.
+
+    Slicer's own process never imports PyTorch, so the folder is written by
+    another process (``PythonSlicer`` inside Slicer); an existing one is reused.
+    """
+    folder = str(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        subprocess.run([python_for_server(), "-c", "import sys; from RaptorExtension.encoding.model import "
+                        "save_random_dinov2; save_random_dinov2(sys.argv[1], 'tiny')", folder], check=True)
+    return folder
+
+
 class LocalServer:
     """One local server process, owned by this process."""
 
