@@ -91,7 +91,7 @@ class RemoteJob:
         self._checked = False
         self._last_poll = 0.0
         self._budget = 4 << 20
-        self._receiving: dict[str, tuple[bytearray, int]] = {}  # result files arriving piece by piece
+        self._receiving: dict[str, bytearray] = {}  # result files arriving piece by piece
 
     @property
     def finished(self) -> bool:
@@ -179,24 +179,21 @@ class RemoteJob:
 
     def _next_budget(self, spent: float) -> int:
         """Aim each step at ``step_seconds``: bigger pieces on a fast link, smaller on a slow one."""
+        if spent <= 0:
+            return self._budget
         return int(min(self.max_piece, max(self.min_piece, self._budget * self.step_seconds / spent)))
 
     def _fetch_piece(self, client, name: str, file_name: str) -> None:
         """One piece of a result file per step, sized like the upload's pieces, so no step waits for a whole file."""
-        buffer, total = self._receiving.get(name, (bytearray(), None))
+        buffer = self._receiving.setdefault(name, bytearray())
         began = time.perf_counter()
         piece, total = client.fetch_piece(self.job_id, file_name, len(buffer), self._budget)
-        spent = time.perf_counter() - began
+        self._budget = self._next_budget(time.perf_counter() - began)
         buffer += piece
         if len(buffer) >= total:
-            self._receiving.pop(name, None)
-            self.results[name] = bytes(buffer)
+            self.results[name] = bytes(self._receiving.pop(name))
         elif not piece:
             raise RaptorError(f"{self.label}: the server's {name} ended after {len(buffer)} of {total} bytes")
-        else:
-            self._receiving[name] = (buffer, total)
-        if spent > 0:
-            self._budget = self._next_budget(spent)
         mb = 1 << 20
         self._report(JobProgress("receiving the result", len(buffer) // mb, max(1, total // mb), "MB",
                                  time.perf_counter() - self.started))
@@ -210,9 +207,7 @@ class RemoteJob:
         began = time.perf_counter()
         if sender.step(client, self._budget):
             _set(self.request, key, {"upload": sender.upload_id})
-        spent = time.perf_counter() - began
-        if spent > 0:  # aim each step at step_seconds: bigger pieces on a fast link, smaller on a slow one
-            self._budget = self._next_budget(spent)
+        self._budget = self._next_budget(time.perf_counter() - began)
         total = sum(s.size for _k, s in self.uploads)
         sent = sum(s.sent for _k, s in self.uploads)
         mb = 1 << 20
