@@ -94,28 +94,37 @@ class RaptorClient:
     def request(self, method: str, path: str, *, body: bytes | None = None, data: dict | None = None,
                 headers: dict | None = None, timeout: float | None = None, raw: bool = False):
         headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         if data is not None:
             body = json.dumps(data).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + PREFIX + path, data=body, method=method, headers=headers)
-        try:
-            with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ServerUnreachable(
-                f"cannot reach the Raptor server at {self.url} ({reason}); is it running, and is the address right?"
-            ) from None
+        payload, _status, _headers = self._exchange(method, path, body=body, headers=headers, timeout=timeout)
         if raw:
             return payload
         try:
             return json.loads(payload or b"{}")
         except json.JSONDecodeError:
             raise ServerError(f"{self.url} answered something that is not a Raptor server's JSON", 502) from None
+
+    def _exchange(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None,
+                  timeout: float | None = None, accept: tuple[int, ...] = ()):
+        """``(payload, status, headers)`` of one request with the token; an HTTP error outside ``accept``, or no
+        connection, is one :class:`RaptorError`."""
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + PREFIX + path, data=body, method=method, headers=headers)
+        try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                return response.read(), response.status, response.headers
+        except urllib.error.HTTPError as exc:
+            if exc.code in accept:
+                return b"", exc.code, exc.headers
+            raise self._http_error(exc) from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerUnreachable(
+                f"cannot reach the Raptor server at {self.url} ({reason}); is it running, and is the address right?"
+            ) from None
 
     def _http_error(self, exc: urllib.error.HTTPError) -> RaptorError:
         try:
@@ -190,26 +199,14 @@ class RaptorClient:
         hundreds of MB) one piece per tick, so the interface never waits for the
         whole file; a piece past the end is empty.
         """
-        headers = {"Range": f"bytes={int(start)}-{int(start) + max(1, int(size)) - 1}"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        url = f"{self.url}{PREFIX}/jobs/{job_id}/files/{urllib.parse.quote(name)}"
-        try:
-            with self._opener.open(urllib.request.Request(url, headers=headers), timeout=self.timeout) as response:
-                payload = response.read()
-                content_range = response.headers.get("Content-Range", "")
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416:  # the range starts at or past the end: nothing left (an empty file included)
-                total = exc.headers.get("Content-Range", "").rpartition("/")[2]
-                return b"", int(total) if total.isdigit() else int(start)
-            raise self._http_error(exc) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
-            raise ServerUnreachable(f"cannot reach the Raptor server at {self.url} ({getattr(exc, 'reason', exc)}); "
-                                    "is it running, and is the address right?") from None
+        payload, status, headers = self._exchange(
+            "GET", f"/jobs/{job_id}/files/{urllib.parse.quote(name)}",
+            headers={"Range": f"bytes={int(start)}-{int(start) + max(1, int(size)) - 1}"}, accept=(416,))
+        total = (headers.get("Content-Range") or "").rpartition("/")[2]
+        if status == 416:  # the range starts at or past the end: nothing left (an empty file included)
+            return b"", int(total) if total.isdigit() else int(start)
         if status == 200:  # a server that ignores Range sends the whole file
             return payload[start:start + size], len(payload)
-        total = content_range.rpartition("/")[2]
         if status != 206 or not total.isdigit():
             raise ServerError(f"{self.url} answered a piece of {name} without its size (HTTP {status})", 502)
         return payload, int(total)
