@@ -45,7 +45,6 @@ class BatchRun:
     """One batch started from the module: its state as seen by the main thread."""
 
     csv: Path
-    total_listed: int  # series the caller listed; 0 when the server lists them (startDatabase)
     remote: RemoteJob | None = field(default=None, repr=False)
     status: str = RUNNING
     progress: BatchProgress | None = None
@@ -104,8 +103,8 @@ class BatchLogic:
         self._refuseStart(anonymizeSalt)
         if not items:
             raise RaptorError("no series to embed: the DICOM database has none that pass the filters")
-        return self._submit({"items": [_item_json(item) for item in items]}, {}, len(items), csvPath, settings,
-                            anonymizeSalt, progressCallback, completionCallback)
+        return self._submit({"items": [_item_json(item) for item in items]}, {}, csvPath, settings, anonymizeSalt,
+                            progressCallback, completionCallback)
 
     def startDatabase(
         self,
@@ -130,7 +129,7 @@ class BatchLogic:
         filters = {"modalities": [str(m) for m in modalities if str(m).strip()], "min_slices": int(minSlices),
                    "description": description or None}
         path = Path(database).expanduser().resolve()
-        return self._submit({"dicom_databases": [str(path)]}, filters, 0, csvPath, settings, anonymizeSalt,
+        return self._submit({"dicom_databases": [str(path)]}, filters, csvPath, settings, anonymizeSalt,
                             progressCallback, completionCallback)
 
     def _refuseStart(self, anonymizeSalt: str | None) -> None:
@@ -143,7 +142,7 @@ class BatchLogic:
 
             Anonymizer(anonymizeSalt)  # refuse a short salt here, before anything is sent
 
-    def _submit(self, sources: dict, filters: dict, listed: int, csvPath, settings, anonymizeSalt, progressCallback,
+    def _submit(self, sources: dict, filters: dict, csvPath, settings, anonymizeSalt, progressCallback,
                 completionCallback) -> BatchRun:
         csv = Path(csvPath).expanduser().resolve()
         request = {
@@ -156,8 +155,7 @@ class BatchLogic:
         }
         if filters:
             request["filters"] = filters
-        run = BatchRun(csv=csv, total_listed=listed,
-                       remote=RemoteJob(self.compute, request, label=f"batch into {csv.name}"))
+        run = BatchRun(csv=csv, remote=RemoteJob(self.compute, request, label=f"batch into {csv.name}"))
         self._run = run
         self._progressCallback = progressCallback
         self._completionCallback = completionCallback
